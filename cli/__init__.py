@@ -1,0 +1,1 @@
+"""The `cxr` command line: thin typer commands, one library call each."""
