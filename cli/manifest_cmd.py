@@ -1,0 +1,109 @@
+"""`cxr manifest build` and `cxr manifest info`: label manifests from the tables alone."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.app import app, console
+from cli.options import (
+    FetchListOpt, LabelOpt, LabelsOpt, PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt,
+    SplitOpt, UncertainOpt, ValidFractionOpt, ViewsOpt, manifest_options,
+)
+from manifests.build import Manifest, build_manifest
+from manifests.table import SPLITS, read_manifest, reject_counts, split_summary, write_manifest, write_rejects
+
+manifest_app = typer.Typer(
+    help="Label manifests: which images, which labels, which split (tables only, no pixels).",
+    no_args_is_help=True,
+)
+app.add_typer(manifest_app, name="manifest")
+
+OutOpt = Annotated[Path, typer.Option("--out", metavar="FILE.parquet", show_default=False,
+                                      help="Manifest to write (Parquet, written atomically).")]
+
+
+@manifest_app.command("build")
+def build(
+    source: SourceOpt,
+    raw: RawOpt,
+    out: OutOpt,
+    seed: SeedOpt = 0,
+    views: ViewsOpt = "",
+    valid_fraction: ValidFractionOpt = 0.1,
+    labels: LabelsOpt = "negbio",
+    uncertain: UncertainOpt = "zeros",
+    split: SplitOpt = "auto",
+    fetch_list: FetchListOpt = None,
+    label: LabelOpt = "Cardiomegaly",
+    ratios: RatiosOpt = "7:1:2",
+    patient_pattern: PatientPatternOpt = None,
+    rejects: RejectsOpt = None,
+) -> None:
+    """Select images, labels and a patient-level split from a raw dataset's tables; write a Parquet manifest."""
+    options = manifest_options(source, seed=seed, views=views, valid_fraction=valid_fraction, labels=labels,
+                               uncertain=uncertain, split=split, fetch_list=fetch_list, label=label,
+                               ratios=ratios, patient_pattern=patient_pattern)
+    manifest = build_manifest(raw, options)
+    write_manifest(manifest, out)
+    if rejects is not None:
+        write_rejects(manifest.rejects, rejects)
+    console.print(f"[bold]wrote {out}[/]: {len(manifest.table):,} images, {len(manifest.labels)} labels",
+                  highlight=False, soft_wrap=True)
+    _print_counts(manifest)
+    _print_rejects(manifest, rejects)
+    found = manifest.meta.get("images_found")
+    if found is not None and 0 < found < len(manifest.table):
+        console.print(f"[yellow]note:[/] only {found:,} of {len(manifest.table):,} images were found under {raw}; "
+                      "the others have the path images/<name>")
+    if fetch_list is not None:
+        console.print(f"fetch list: {fetch_list} ({len(manifest.table):,} paths)")
+
+
+@manifest_app.command("info")
+def info(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A manifest written by `cxr manifest build`.")],
+) -> None:
+    """Counts, patients and label prevalence per split of a manifest."""
+    manifest = read_manifest(file)
+    meta = manifest.meta
+    console.print(f"[bold]{file}[/]: source {meta.get('source')}, {len(manifest.table):,} images, "
+                  f"{len(manifest.labels)} labels, tool {meta.get('version')}", highlight=False, soft_wrap=True)
+    _print_counts(manifest)
+    summary = split_summary(manifest.table, manifest.labels)
+    console.print("label prevalence: positives (share of usable labels)")
+    prevalence = Table()
+    prevalence.add_column("label")
+    for split in SPLITS:
+        prevalence.add_column(split, justify="right")
+    for name in manifest.labels:
+        prevalence.add_row(name, *(f"{summary[s]['positives'][name]:,} ({summary[s]['prevalence'][name]:.1%})"
+                                   for s in SPLITS))
+    console.print(prevalence)
+
+
+def _print_counts(manifest: Manifest) -> None:
+    summary = split_summary(manifest.table, manifest.labels)
+    table = Table()
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("patients", justify="right")
+    for split in SPLITS:
+        table.add_row(split, f"{summary[split]['count']:,}", f"{summary[split]['patients']:,}")
+    console.print(table)
+
+
+def _print_rejects(manifest: Manifest, path: Path | None) -> None:
+    counts = reject_counts(manifest.rejects)
+    if not counts:
+        console.print("rejects: none")
+        return
+    console.print(f"rejects: {len(manifest.rejects):,}" + (f" (written to {path})" if path else ""), highlight=False)
+    table = Table()
+    table.add_column("reason")
+    table.add_column("images", justify="right")
+    for reason, n in counts.items():
+        table.add_row(reason, f"{n:,}")
+    console.print(table)

@@ -1,0 +1,128 @@
+"""The manifest options, declared once for every command that builds a manifest.
+
+`cxr manifest build` and `cxr shard build` take the very same options. Declare the parameters with
+these aliases and turn them into the frozen `ManifestOptions` with `manifest_options(...)`:
+
+    from cli.options import (FetchListOpt, LabelOpt, LabelsOpt, PatientPatternOpt, RatiosOpt, RawOpt,
+                             SeedOpt, SourceOpt, SplitOpt, UncertainOpt, ValidFractionOpt, ViewsOpt,
+                             manifest_options)
+
+    @shard_app.command("build")
+    def build(source: SourceOpt, raw: RawOpt, seed: SeedOpt = 0, views: ViewsOpt = "",
+              valid_fraction: ValidFractionOpt = 0.1, labels: LabelsOpt = "negbio",
+              uncertain: UncertainOpt = "zeros", split: SplitOpt = "auto", fetch_list: FetchListOpt = None,
+              label: LabelOpt = "Cardiomegaly", ratios: RatiosOpt = "7:1:2",
+              patient_pattern: PatientPatternOpt = None, ...):
+        options = manifest_options(source, seed=seed, views=views, valid_fraction=valid_fraction,
+                                   labels=labels, uncertain=uncertain, split=split, fetch_list=fetch_list,
+                                   label=label, ratios=ratios, patient_pattern=patient_pattern)
+
+Choices are checked by `ManifestOptions` (a one-line `ManifestError`, exit 1) and listed in the help.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from manifests.errors import ManifestError
+from manifests.options import LABEL_SETS, SPLIT_MODES, UNCERTAIN_POLICIES, ManifestOptions
+from manifests.vocab import SOURCES
+
+SourceOpt = Annotated[str, typer.Option(
+    "--source", metavar="|".join(SOURCES), show_default=False,
+    help="Dataset kind: nih (ChestX-ray14), mimic (MIMIC-CXR-JPG), cardiomegaly (folder set labelled "
+         "Cardiomegaly) or folder (RAW/normal, RAW/abnormal).")]
+RawOpt = Annotated[Path, typer.Option(
+    "--raw", metavar="DIR", show_default=False,
+    help="Raw root: the folder holding the source's tables (NIH, MIMIC) or class folders (folder sets). "
+         "Paths in the manifest are relative to it.")]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", help="Seed of every random patient-level split (same seed, same split).")]
+ViewsOpt = Annotated[str, typer.Option(
+    "--views", metavar="PA,AP",
+    help="NIH: keep only these View Position values, comma-separated (default: all views).")]
+ValidFractionOpt = Annotated[float, typer.Option(
+    "--valid-fraction",
+    help="Fraction of patients for valid: of the train_val list (NIH official lists) or of the non-test "
+         "subjects (MIMIC --split study-digit).")]
+LabelsOpt = Annotated[str, typer.Option(
+    "--labels", metavar="|".join(LABEL_SETS),
+    help="MIMIC: label table, mimic-cxr-2.0.0-negbio or -chexpert.")]
+UncertainOpt = Annotated[str, typer.Option(
+    "--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
+    help="MIMIC: uncertain (-1) labels become 0 (zeros), 1 (ones) or NaN, not used (ignore); blank is "
+         "always 0.")]
+SplitOpt = Annotated[str, typer.Option(
+    "--split", metavar="|".join(SPLIT_MODES),
+    help="auto: the official split (NIH lists, MIMIC split file, pre-split folders) when present, else "
+         "random; official: require it; random: seeded patient split by --ratios; study-digit (MIMIC): "
+         "study_id ending in 8 or 9 is test, the rest split train/valid by --valid-fraction.")]
+FetchListOpt = Annotated[Optional[Path], typer.Option(
+    "--fetch-list", metavar="FILE", show_default=False,
+    help="Also write the selected images' paths relative to the raw root, one per line (e.g. to "
+         "download only those MIMIC images).")]
+LabelOpt = Annotated[str, typer.Option(
+    "--label", help="folder: name of the single label column (1.0 for abnormal, 0.0 for normal).")]
+RatiosOpt = Annotated[str, typer.Option(
+    "--ratios", metavar="TRAIN:VALID:TEST",
+    help="Proportions of patients in a random split (folder sets stratified by class; NIH without "
+         "official lists; MIMIC without split file).")]
+PatientPatternOpt = Annotated[Optional[str], typer.Option(
+    "--patient-pattern", metavar="REGEX", show_default=False,
+    help="folder: regex whose first group, searched in each file's path below its class folder, is the "
+         "patient id, so a patient's files never straddle splits, e.g. 'person(\\d+)_'. Unmatched files "
+         "are their own patient; without a pattern every file is.")]
+RejectsOpt = Annotated[Optional[Path], typer.Option(
+    "--rejects", metavar="FILE", show_default=False,
+    help="Also write every image left out (key, path, reason) to this Parquet file.")]
+
+
+def manifest_options(
+    source: str,
+    *,
+    seed: int = 0,
+    views: str = "",
+    valid_fraction: float = 0.1,
+    labels: str = "negbio",
+    uncertain: str = "zeros",
+    split: str = "auto",
+    fetch_list: Path | str | None = None,
+    label: str = "Cardiomegaly",
+    ratios: str = "7:1:2",
+    patient_pattern: str | None = None,
+) -> ManifestOptions:
+    """The frozen `ManifestOptions` from the CLI's raw option values (ManifestError on a bad value)."""
+    return ManifestOptions(
+        source=source.lower(),
+        seed=seed,
+        views=parse_views(views),
+        valid_fraction=valid_fraction,
+        labels=labels.lower(),
+        uncertain=uncertain.lower(),
+        split=split.lower(),
+        fetch_list=str(fetch_list) if fetch_list is not None else None,
+        label=label,
+        ratios=parse_ratios(ratios),
+        patient_pattern=patient_pattern,
+    )
+
+
+def parse_views(text: str) -> tuple[str, ...]:
+    """'PA,AP' -> ('PA', 'AP'); '' -> () (all views)."""
+    return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """'7:1:2' -> (0.7, 0.1, 0.2): three non-negative numbers, scaled to sum to 1."""
+    parts = text.replace(",", ":").split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise ManifestError(f"--ratios {text!r} must be three non-negative numbers TRAIN:VALID:TEST, e.g. 7:1:2")
+    total = sum(values)
+    return tuple(v / total for v in values)  # type: ignore[return-value]

@@ -1,0 +1,64 @@
+"""`build_manifest`: raw tables in, one audited manifest out. Tables only, never pixels."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from manifests import __version__
+from manifests.atomic import atomic_path
+from manifests.errors import ManifestError
+from manifests.folder import build_folder, folder_labels
+from manifests.mimic import build_mimic
+from manifests.nih import build_nih
+from manifests.options import ManifestOptions
+from manifests.table import Manifest, audit_leakage, check_table, conform, reject_counts
+from manifests.vocab import MIMIC_LABELS, NIH_LABELS
+
+__all__ = ["Manifest", "ManifestOptions", "build_manifest", "write_fetch_list"]
+
+
+def build_manifest(raw: str | os.PathLike, options: ManifestOptions) -> Manifest:
+    """Select images, labels and splits for `options.source` under the raw root `raw`.
+
+    The table passes `check_table` and `audit_leakage` before it is returned. Everything left out is
+    in `rejects` with its reason. When `options.fetch_list` is set, the selected images' relative paths
+    are written there (one per line, sorted): the only file this function writes.
+    """
+    root = Path(raw)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: raw root is not a folder")
+    if options.source == "nih":
+        table, rejects, extra = build_nih(root, options)
+        labels = list(NIH_LABELS)
+    elif options.source == "mimic":
+        table, rejects, extra = build_mimic(root, options)
+        labels = list(MIMIC_LABELS)
+    else:
+        table, rejects, extra = build_folder(root, options)
+        labels = folder_labels(options)
+
+    table = conform(table, labels)
+    if table.empty:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in reject_counts(rejects).items()) or "nothing found"
+        raise ManifestError(f"{root}: no image selected ({counts})")
+    check_table(table, labels, origin=str(root))
+    audit_leakage(table)
+    meta = {"source": options.source, "labels": labels, "options": options.to_dict(), "version": __version__,
+            "raw": str(root.resolve()), **extra}
+    manifest = Manifest(table=table, labels=labels, rejects=rejects, meta=meta)
+    if options.fetch_list:
+        write_fetch_list(manifest, options.fetch_list)
+    return manifest
+
+
+def write_fetch_list(manifest: Manifest, path: str | os.PathLike) -> Path:
+    """Write the selected images' paths (relative to the raw root), one per line, sorted, atomically."""
+    final = Path(path)
+    if final.is_dir():
+        raise ManifestError(f"{final}: is a folder, expected a file name for the fetch list")
+    try:
+        with atomic_path(final) as tmp:
+            tmp.write_text("".join(p + "\n" for p in sorted(manifest.table["path"])))
+    except OSError as exc:
+        raise ManifestError(f"{final}: cannot write ({exc.strerror or exc})") from None
+    return final

@@ -1,0 +1,99 @@
+"""The frozen record of every choice that shapes a manifest (`cxr manifest build`, `cxr shard build`)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+from manifests.errors import ManifestError
+from manifests.table import BASE_COLUMNS
+from manifests.vocab import SOURCES
+
+LABEL_SETS = ("negbio", "chexpert")
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
+SPLIT_MODES = ("auto", "official", "random", "study-digit")
+
+
+@dataclass(frozen=True)
+class ManifestOptions:
+    """Every option of `cxr manifest build`. Saved in the manifest's metadata, so a build can be repeated."""
+
+    source: str                          # "nih" | "mimic" | "cardiomegaly" | "folder"
+    seed: int = 0                        # every random split is a pure function of the seed
+    # NIH
+    views: tuple[str, ...] = ()          # () = all views; e.g. ("PA", "AP")
+    valid_fraction: float = 0.1          # of train_val patients (NIH lists), of non-test subjects (study-digit)
+    # MIMIC
+    labels: str = "negbio"               # "negbio" | "chexpert"
+    uncertain: str = "zeros"             # "zeros": -1 -> 0 | "ones": -1 -> 1 | "ignore": -1 -> NaN; blank -> 0
+    split: str = "auto"                  # "auto" (official if present, else random) | "official" | "random"
+                                         # | "study-digit" (MIMIC: study_id ending in 8 or 9 is test)
+    fetch_list: str | None = None        # also write the relative paths of the selected images here
+    # folder / cardiomegaly (ratios: every seeded random split, as fractions of patients)
+    label: str = "Cardiomegaly"          # label column name for folder sets
+    ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    patient_pattern: str | None = None   # regex with one group -> patient_id
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ManifestError(f"unknown source {self.source!r}: choose one of {', '.join(SOURCES)}")
+        _check_choice("labels", self.labels, LABEL_SETS)
+        _check_choice("uncertain", self.uncertain, UNCERTAIN_POLICIES)
+        _check_choice("split", self.split, SPLIT_MODES)
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ManifestError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if len(self.ratios) != 3 or any(not math.isfinite(r) or r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
+            raise ManifestError(f"--ratios needs three non-negative numbers train:valid:test, got {self.ratios}")
+        if not self.label or not self.label.strip() or self.label in BASE_COLUMNS:
+            raise ManifestError(f"--label {self.label!r} must be a name other than {', '.join(BASE_COLUMNS)}")
+        if self.patient_pattern is not None:
+            try:
+                groups = re.compile(self.patient_pattern).groups
+            except re.error as exc:
+                raise ManifestError(f"--patient-pattern '{self.patient_pattern}' is not a valid regex: {exc}") from None
+            if groups < 1:
+                raise ManifestError(f"--patient-pattern '{self.patient_pattern}' needs one (group) "
+                                    "that captures the patient id")
+        self._refuse_foreign_options()
+
+    def _refuse_foreign_options(self) -> None:
+        """An option that the source ignores is a user mistake: say so instead of ignoring it."""
+        folder = self.source in ("folder", "cardiomegaly")
+        if self.views and self.source != "nih":
+            raise ManifestError(f"--views applies to --source nih only, not {self.source}")
+        if self.source != "mimic" and (self.labels, self.uncertain) != ("negbio", "zeros"):
+            raise ManifestError(f"--labels and --uncertain apply to --source mimic only, not {self.source}")
+        if self.split == "study-digit" and self.source != "mimic":
+            raise ManifestError(f"--split study-digit applies to --source mimic only, not {self.source}")
+        if self.patient_pattern is not None and not folder:
+            raise ManifestError(f"--patient-pattern applies to --source folder/cardiomegaly only, not {self.source}")
+        if self.source == "cardiomegaly" and self.label != "Cardiomegaly":
+            raise ManifestError("--source cardiomegaly always labels Cardiomegaly; use --source folder for --label")
+
+    @property
+    def split_ratios(self) -> tuple[float, float, float]:
+        """`ratios` scaled to sum to 1."""
+        total = float(sum(self.ratios))
+        return tuple(float(r) / total for r in self.ratios)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ManifestOptions":
+        """Inverse of `to_dict` (e.g. from a manifest's metadata); unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ManifestError(f"unknown manifest option(s): {', '.join(unknown)}")
+        values = dict(data)
+        for name in ("views", "ratios"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ManifestError(f"--{option} {value!r} is not one of {', '.join(choices)}")
