@@ -1,0 +1,237 @@
+"""Read throughput: shard sets back into uint8 batches on ONE core, against the seeds' per-image loader.
+
+`run(workdir, shard_dir_by_codec=None) -> str` returns a markdown section for BENCHMARKS.md. Without shard
+sets it makes a phantom NIH tree of 1024 px PNGs and builds them (`cxrshards.build`): png (wds + hdf5),
+jpeg and raw (wds). Every reader runs in its own child process pinned to one core (torch and OpenCV set
+to one thread, `num_workers=0`), so each peak RSS is that reader's own. Standalone:
+`python bench/read_bench.py [--workdir DIR] [--images N]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZE = 224
+BATCH = 64
+IMAGES = 400               # phantom images (all splits); the bench reads the train split
+MIN_SECONDS = 2.0          # each reader repeats epochs until at least this long
+BASELINE_IMAGES = 120      # the seeds' loader is slow: this many source images are enough
+REAL_NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "nih-1024"
+TARGETS = {"jpeg": 40, "raw": 100, "hdf5": 100}
+READERS = (("wds", "png"), ("wds", "jpeg"), ("wds", "raw"), ("hdf5", "png"))
+
+
+# --- child process: one measurement ----------------------------------------------------------------
+
+
+def _one_core() -> None:
+    """Pin this process to one core and one thread everywhere."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def measure_shards(shard_dir: str, fmt: str) -> dict:
+    """Samples/s of full epochs of the train split into uint8 batches of 64 (after one warm-up epoch)."""
+    _one_core()
+    import cxrshards
+
+    stream = cxrshards.open_shards(shard_dir, "train", format=fmt, batch_size=BATCH, seed=0)
+    rss_before = _rss_mib()
+    n = sum(len(keys) for _, _, keys in stream)  # warm-up: page cache, first-use imports
+    samples, epochs, started = 0, 0, time.perf_counter()
+    while time.perf_counter() - started < MIN_SECONDS:
+        epochs += 1
+        stream.set_epoch(epochs)
+        for images, labels, keys in stream:
+            samples += images.shape[0]
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": samples / seconds, "samples": n, "epochs": epochs,
+            "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": rss_before}
+
+
+def measure_seed_loader(paths: list[str]) -> dict:
+    """The seeds' loader: per sample cv2.imread of the 1024 px file + Resize(224)/ToTensor/Normalize, then
+    the DataLoader's default collation into batches of 64."""
+    _one_core()
+    import cv2
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(SIZE), transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    def sample(path: str) -> torch.Tensor:
+        return tf(Image.fromarray(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)))
+
+    rss_before = _rss_mib()
+    sample(paths[0])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(paths), BATCH):
+        torch.stack([sample(p) for p in paths[i:i + BATCH]])
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": len(paths) / seconds, "samples": len(paths), "epochs": 1,
+            "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": rss_before}
+
+
+def _in_child(kind: str, *args) -> dict:
+    """Run one measurement in a fresh interpreter (own peak RSS, own core)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(list(args))],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"read_bench child {kind!r} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def make_phantom(raw: str, images: int) -> dict:
+    from cxrshards.phantom import make_demo_data
+
+    make_demo_data("nih", raw, images, image_size=1024, seed=0)
+    return {"raw": raw}
+
+
+def build_sets(raw: str, out: str) -> dict:
+    from cxrshards.build import BuildConfig, build_shards
+
+    dirs = {}
+    for codec in ("png", "jpeg", "raw"):
+        config = BuildConfig(source="nih", raw=Path(raw), size=SIZE, codec=codec,
+                             format="both" if codec == "png" else "wds", out=Path(out),
+                             name=f"nih-{SIZE}-{codec}", workers=os.cpu_count() or 1, quiet=True,
+                             max_reject_fraction=1.0)
+        dirs[codec] = str(build_shards(config).path)
+    return dirs
+
+
+def build_inputs(workdir: Path, images: int = IMAGES) -> dict[str, Path]:
+    """A phantom NIH tree of 1024 px PNGs and shard sets at 224 px for each codec (reused when present).
+
+    Drawing and building run in separate fresh processes: the builder forks worker processes, which is
+    only safe from a parent that has not started threads of its own (OpenCV's, torch's)."""
+    base = Path(workdir) / "read_bench"
+    raw = base / "raw-nih-1024"
+    made = json.loads((raw / "phantom.json").read_text()) if (raw / "phantom.json").is_file() else {}
+    if (made.get("n"), made.get("image_size"), made.get("seed")) != (images, 1024, 0):
+        _in_child("phantom", str(raw), images)
+    return {k: Path(v) for k, v in _in_child("build", str(raw), str(base / "shards")).items()}
+
+
+def _source_paths(shard_dir: Path, limit: int) -> list[str]:
+    """The raw 1024 px files behind the train split of a shard set (for the seeds' loader)."""
+    import pandas as pd
+
+    build = json.loads((shard_dir / "build.json").read_text())
+    raw = Path(build.get("raw") or build.get("config", {}).get("raw"))
+    table = pd.read_parquet(shard_dir / "manifest.parquet", columns=["path", "split"])
+    paths = [str(raw / p) for p in table.loc[table["split"] == "train", "path"]]
+    return paths[:limit]
+
+
+# --- the section -------------------------------------------------------------------------------------
+
+
+def run(workdir: Path, shard_dir_by_codec: dict | None = None) -> str:
+    """Measure every reader and the seeds' loader; return the markdown section."""
+    dirs = {k: Path(v) for k, v in (shard_dir_by_codec or build_inputs(Path(workdir))).items()}
+    phantom = _in_child("seed", _source_paths(dirs.get("png") or next(iter(dirs.values())), BASELINE_IMAGES))
+    real_files = sorted(str(p) for p in REAL_NIH.glob("*.png")) if REAL_NIH.is_dir() else []
+    real = _in_child("seed", [real_files[i % len(real_files)] for i in range(BASELINE_IMAGES)]) if real_files else None
+    # ratios against the faster baseline: the conservative figure
+    base = max((r for r in (phantom, real) if r is not None), key=lambda r: r["samples_per_s"])
+    rows = []
+    for fmt, codec in READERS:
+        if fmt == "hdf5":
+            codec = next((c for c in ("png", "jpeg", "raw") if c in dirs and (dirs[c] / "train.h5").exists()), None)
+            if codec is None:
+                continue
+        elif codec not in dirs:
+            continue
+        result = _in_child("shards", str(dirs[codec]), fmt)
+        rows.append((fmt, codec, result))
+
+    b = base["samples_per_s"]
+    baselines = [("seeds' loader on the phantom 1024 px PNGs the shards were built from", phantom)]
+    if real is not None:
+        baselines.append((f"seeds' loader on the {len(real_files)} real NIH 1024 px PNGs "
+                          f"(`../shared/data/real/nih-1024`, cycled)", real))
+    lines = [
+        f"## Read throughput (one core, {SIZE} px, uint8 batches of {BATCH})",
+        "",
+        f"Each reader runs in its own process pinned to one core (`torch.set_num_threads(1)`, "
+        f"`cv2.setNumThreads(1)`, `num_workers=0`) and reads whole shuffled epochs of the train split "
+        f"({rows[0][2]['samples'] if rows else '?'} samples) through `cxrshards.open_shards(..., batch_size={BATCH})` "
+        f"for at least {MIN_SECONDS:.0f} s after a warm-up epoch (files in the page cache). Baseline: the seeds' "
+        f"loader, per sample `cv2.imread` of the 1024 px source PNG + torchvision `Resize({SIZE})`/`ToTensor`/"
+        f"`Normalize`, stacked into batches ({base['samples']} reads), on the phantom sources and on the real "
+        f"NIH images; ratios are against the faster of the two ({b:,.0f} samples/s). Peak RSS is each process's "
+        f"own (`ru_maxrss`), most of it the imports (torch); the last column is the growth after opening "
+        f"the reader.",
+        "",
+        "| reader | samples/s | x seeds' loader | target | peak RSS (MiB) | RSS growth while reading (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for title, r in baselines:
+        lines.append(f"| {title} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / b:.2f} | | "
+                     f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |")
+    verdicts = []
+    for fmt, codec, r in rows:
+        ratio = r["samples_per_s"] / b
+        target = TARGETS.get("hdf5" if fmt == "hdf5" else codec)
+        name = "hdf5 (uint8 chunks)" if fmt == "hdf5" else f"wds {codec}"
+        lines.append(f"| {name} | {r['samples_per_s']:,.0f} | {ratio:,.0f} | {f'>= {target}x' if target else ''} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |")
+        if target:
+            verdicts.append(f"{name}: {ratio:.0f}x ({'meets' if ratio >= target else 'MISSES'} {target}x)")
+    lines += ["", "Targets: " + "; ".join(verdicts) + "." if verdicts else ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path(".bench"))
+    parser.add_argument("--images", type=int, default=IMAGES, help="phantom images to build from")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        fn = {"seed": measure_seed_loader, "shards": measure_shards, "phantom": make_phantom,
+              "build": build_sets}[args.child]
+        print(json.dumps(fn(*json.loads(args.args))))
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(run(args.workdir.resolve(), build_inputs(args.workdir.resolve(), args.images)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,597 @@
+"""Reading shard sets back as tensors: `open_shards` streams a split (WebDataset tars or HDF5) for training
+and evaluation; `H5Split` gives random access by index into an HDF5 split.
+
+Labels come from the shard set's manifest.parquet (float32, NaN kept); pixels are decoded with
+`cxrshards.pixels.decode` only for the samples an epoch selects. The epoch plan (order, ranks, workers,
+batches) is in `cxrshards.plan`: a pure function of (seed, epoch), never the global RNG.
+Memory stays flat as the set grows: only the split's keys, labels and sample locations are held, plus at
+most one batch (and, for tars, `shuffle_buffer` encoded samples) per worker.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from cxrshards import plan as planning
+from manifests.errors import CxrError
+
+FORMATS = ("auto", "wds", "hdf5")
+_IMAGE_EXTS = {b"png": "png", b"jpg": "jpeg", b"jpeg": "jpeg", b"npy": "raw"}
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_H5_BLOCK_BYTES = 64 << 20  # sample mode: read HDF5 images in sorted blocks of at most this many bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding a shard set
+
+
+def shards_root(root: str | os.PathLike | None = None) -> Path:
+    """ROOT of shard sets: `root`, else `$CXR_SHARDS`, else `./shards`."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("CXR_SHARDS") or "shards")
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).is_absolute()
+
+
+def resolve_shard_dir(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The directory of a shard set given as a path, or as a NAME under ROOT; CxrError if there is none."""
+    text = os.fspath(name_or_path)
+    base = shards_root(root)
+    candidates = [Path(text).expanduser()] if _looks_like_path(text) else [base / text, Path(text)]
+    for cand in candidates:
+        if (cand / "dataset.json").is_file():
+            return cand
+    for cand in candidates:
+        if cand.is_dir():
+            raise CxrError(f"{cand} is not a shard set: it has no dataset.json (an unfinished build?); "
+                           f"re-run `cxr shard build ... --out {cand.parent} --name {cand.name}`")
+    where = candidates[0]
+    raise CxrError(f"no shard set at {where}: build it first with "
+                   f"`cxr shard build --source SOURCE --raw DIR --out {where.parent} --name {where.name}` "
+                   f"(shard sets are looked up under --root, else $CXR_SHARDS, else ./shards)")
+
+
+def read_card(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    """The shard set's card (dataset.json) as a dict."""
+    path = resolve_shard_dir(name_or_path, root) / "dataset.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CxrError(f"{path}: unreadable card ({exc}); run `cxr shard verify {path.parent}`") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Low-level readers
+
+
+def _tar_members(f, path: Path) -> Iterator[tuple[bytes, int]]:
+    """Yield (name, size) of each regular file in an open tar, positioned at its data.
+
+    The caller may read the data or not: the next header is found by seeking past it, so skipped members
+    cost a header parse and no copy. Handles ustar, pax (`x`) and GNU long-name (`L`) headers.
+    """
+    long_name: bytes | None = None
+    pax_size: int | None = None
+    while True:
+        start = f.tell()
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header == _ZERO_BLOCK:
+            return
+        try:
+            stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                raise ValueError("bad header checksum")
+            if header[124] & 0x80:  # base-256 size (members over 8 GB)
+                size = int.from_bytes(header[125:136], "big")
+            else:
+                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError as exc:
+            raise CxrError(f"{path}: corrupt tar header at byte {start} ({exc}); "
+                           f"run `cxr shard verify {path.parent}`") from None
+        kind = header[156:157]
+        data_at = start + _BLOCK
+        if kind in (b"x", b"L"):
+            data = f.read(size)
+            if kind == b"L":
+                long_name = data.rstrip(b"\0")
+            else:
+                for record in data.split(b"\n"):
+                    _, _, item = record.partition(b" ")
+                    field, _, value = item.partition(b"=")
+                    if field == b"path":
+                        long_name = value
+                    elif field == b"size":
+                        pax_size = int(value)
+        elif kind in (b"0", b"\0", b"7"):
+            if pax_size is not None:
+                size = pax_size
+            if long_name is not None:
+                name = long_name
+            else:
+                name = header[:100].split(b"\0", 1)[0]
+                prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+                if prefix:
+                    name = prefix + b"/" + name
+            long_name = pax_size = None
+            yield name, size
+        else:  # directories, links, global pax headers: nothing to read
+            long_name = pax_size = None
+        f.seek(data_at + ((size + _BLOCK - 1) // _BLOCK) * _BLOCK)
+
+
+class _Decoder:
+    """`pixels.decode`, plus a shortcut for `.npy` members: once one member's header has been decoded
+    and found to be uint8 (size, size) C-order, members with byte-identical headers are plain views of
+    their data (parsing the header with numpy costs more than copying the pixels)."""
+
+    def __init__(self, decode, size: int):
+        self.decode, self.size = decode, size
+        self._npy_prefix: bytes | None = None
+
+    def __call__(self, data: bytes, codec: str) -> np.ndarray:
+        prefix = self._npy_prefix
+        if codec == "raw" and prefix is not None and data.startswith(prefix) \
+                and len(data) == len(prefix) + self.size * self.size:
+            return np.frombuffer(data, np.uint8, offset=len(prefix)).reshape(self.size, self.size)
+        img = self.decode(data, codec)
+        if codec == "raw" and prefix is None:
+            self._npy_prefix = self._learn_npy_prefix(data)
+        return img
+
+    def _learn_npy_prefix(self, data: bytes) -> bytes | None:
+        from numpy.lib import format as npy
+
+        try:
+            stream = io.BytesIO(data)
+            major, _ = npy.read_magic(stream)
+            read_header = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
+            shape, fortran, dtype = read_header(stream)
+        except ValueError:
+            return None
+        ok = shape == (self.size, self.size) and not fortran and dtype == np.dtype(np.uint8)
+        return data[:stream.tell()] if ok else None
+
+
+def _check_image(img: Any, size: int, where: str) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.shape != (size, size):
+        raise CxrError(f"{where}: decoded image is {img.dtype} {tuple(img.shape)}, expected uint8 "
+                       f"({size}, {size}); run `cxr shard verify`")
+    return img
+
+
+class _H5Images:
+    """The `images` dataset of SPLIT.h5, opened lazily in the process that reads (fork-safe).
+
+    Images stored one per chunk without filters (the format's layout) are read with `read_direct_chunk`
+    straight into the destination array; any other layout falls back to ordinary h5py reads.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._pid: int | None = None
+        self._file = self._ds = None
+        self._direct = False
+
+    def _open(self):
+        import h5py
+
+        if self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._ds = self._file["images"]
+            ds = self._ds
+            self._direct = (ds.dtype == np.uint8 and ds.chunks == (1, *ds.shape[1:])
+                            and ds.id.get_create_plist().get_nfilters() == 0)
+            self._pid = os.getpid()
+        return self._ds
+
+    def read_into(self, index: int, out: np.ndarray) -> None:
+        """Copy image `index` into `out` (a C-contiguous uint8 S x S array)."""
+        ds = self._open()
+        if self._direct:
+            try:
+                ds.id.read_direct_chunk((index, 0, 0), out=out.reshape(-1))
+                return
+            except (OSError, ValueError, RuntimeError):
+                pass  # e.g. a chunk never written: read it the ordinary way
+        out[...] = ds[index]
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._ds = self._pid = None
+
+    def __getstate__(self):
+        return {"path": self.path, "_pid": None, "_file": None, "_ds": None, "_direct": False}
+
+
+def _shuffle_buffer(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
+    """Local shuffle: keep `size` items, emit a random one as each new item arrives, then the rest."""
+    buf: list = []
+    draws: Iterator[int] = iter(())
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = next(draws, None)
+        if j is None:
+            draws = iter(rng.integers(0, size, 1024).tolist())
+            j = next(draws)
+        buf[j], item = item, buf[j]
+        yield item
+    for j in rng.permutation(len(buf)).tolist():
+        yield buf[j]
+
+
+def _key_bytes(keys: Iterable[str]) -> np.ndarray:
+    """Keys as a fixed-width bytes array (UTF-8): compact, and no refcounted objects to copy into workers."""
+    return np.array([str(k).encode("utf-8") for k in keys], dtype="S")
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None and world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise CxrError("pass both rank and world_size, or neither (then torch.distributed decides)")
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise CxrError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+    return rank, world_size
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming
+
+
+class ShardStream(IterableDataset):
+    """One split of a shard set as an iterable of samples or collated batches. Build with `open_shards`.
+
+    Samples: `(uint8 [1,S,S], float32 [L], key)`; batches: `(uint8 [b,1,S,S], float32 [b,L], list[str])`.
+    `len()` is exact: this rank's batches (or samples). Use with
+    `DataLoader(stream, batch_size=None, num_workers=N)`; call `set_epoch(e)` (and `set_keys(...)`) before
+    each epoch's iterator is created (so not with `persistent_workers=True`, whose workers keep their copy).
+    """
+
+    def __init__(self, shard_dir: Path, split: str, fmt: str, card: dict, *, seed: int, epoch: int,
+                 shuffle: bool, keys: Iterable[str] | None, batch_size: int | None, rank: int,
+                 world_size: int, shuffle_buffer: int):
+        super().__init__()
+        self.shard_dir, self.split, self.format, self.card = shard_dir, split, fmt, card
+        self.seed, self.epoch, self.shuffle = int(seed), int(epoch), bool(shuffle)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.size = int(card["size"])
+        self.labels: list[str] = list(card["labels"])
+        self._load_split()
+        self._selected = np.arange(len(self._keys), dtype=np.int64)
+        self._plan_cache: tuple[tuple, planning.RankPlan] | None = None
+        self._table = None
+        self.set_keys(keys)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _load_split(self) -> None:
+        import pyarrow.parquet as pq
+
+        path = self.shard_dir / "manifest.parquet"
+        if not path.is_file():
+            raise CxrError(f"{path} is missing: the shard set is incomplete; re-run `cxr shard build`")
+        columns = ["key", "split", "shard", "shard_index", "h5_index", *self.labels]
+        try:
+            table = pq.read_table(path, columns=columns, filters=[("split", "==", self.split)]).to_pandas()
+        except Exception as exc:  # pyarrow raises several types for a bad file or a missing column
+            raise CxrError(f"{path}: cannot read columns {columns} ({exc})") from None
+        if self.format == "wds":
+            if table["shard"].isna().any():
+                raise CxrError(f"{path}: {int(table['shard'].isna().sum())} {self.split} rows have no tar shard")
+            table = table.sort_values(["shard", "shard_index"], kind="stable")
+            names, codes = np.unique(table["shard"].to_numpy(dtype=str), return_inverse=True)
+            self._shard_names = [str(n) for n in names]
+            self._shard_code = codes.astype(np.int32)
+            missing = [n for n in self._shard_names if not (self.shard_dir / n).is_file()]
+            if missing:
+                raise CxrError(f"{self.shard_dir}: shard {missing[0]} is missing ({len(missing)} missing); "
+                               f"run `cxr shard verify {self.shard_dir}` and rebuild")
+        else:
+            if (table["h5_index"] < 0).any():
+                raise CxrError(f"{path}: some {self.split} rows have no h5_index")
+            table = table.sort_values("h5_index", kind="stable")
+            self._h5_index = table["h5_index"].to_numpy(np.int64)
+            self._check_h5(int(self._h5_index.max()) + 1 if len(table) else 0)
+        self._keys = _key_bytes(table["key"])  # fixed-width bytes: no per-row Python objects
+        self._label_values = np.ascontiguousarray(table[self.labels].to_numpy(np.float32))
+
+    def _check_h5(self, needed: int) -> None:
+        import h5py
+
+        path = self.shard_dir / f"{self.split}.h5"
+        try:
+            with h5py.File(path, "r") as h5:
+                shape = h5["images"].shape
+        except (OSError, KeyError) as exc:
+            raise CxrError(f"{path}: unreadable ({exc}); run `cxr shard verify {self.shard_dir}`") from None
+        if shape[1:] != (self.size, self.size) or shape[0] < needed:
+            raise CxrError(f"{path}: images are {shape}, expected at least ({needed}, {self.size}, {self.size})")
+
+    # -- per-epoch settings --------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: order and shuffle buffer are pure functions of (seed, epoch)."""
+        self.epoch = int(epoch)
+
+    def set_keys(self, keys: Iterable[str] | None) -> None:
+        """Read only these keys (e.g. the per-label cap of this epoch); None reads the whole split.
+
+        Unknown keys are an error. Skipped samples are neither read nor decoded.
+        """
+        if keys is None:
+            self._selected = np.arange(len(self._keys), dtype=np.int64)
+        else:
+            wanted = np.unique(_key_bytes(keys))
+            hit = np.isin(self._keys, wanted)
+            if int(hit.sum()) != len(wanted):
+                absent = np.setdiff1d(wanted, self._keys[hit])
+                raise CxrError(f"{len(absent)} of the keys asked for are not in the {self.split} split of "
+                               f"{self.shard_dir} (e.g. {', '.join(k.decode() for k in absent[:3])})")
+            self._selected = np.flatnonzero(hit).astype(np.int64)
+        self._plan_cache = None
+
+    # -- plan ------------------------------------------------------------------------------------------
+    @property
+    def num_selected(self) -> int:
+        """Samples this epoch reads over all ranks."""
+        return len(self._selected)
+
+    @property
+    def table(self):
+        """The split's rows of manifest.parquet as a DataFrame (loaded on first use, not sent to workers)."""
+        if self._table is None:
+            import pandas as pd
+
+            full = pd.read_parquet(self.shard_dir / "manifest.parquet", filters=[("split", "==", self.split)])
+            self._table = full.reset_index(drop=True)
+        return self._table
+
+    def rank_plan(self) -> planning.RankPlan:
+        """This rank's rows and batch sizes for the current epoch (positions into the stored order)."""
+        key = (self.epoch, self.seed, self.shuffle, self.rank, self.world_size, self.batch_size)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        sel = self._selected
+        if self.format == "wds":
+            order = planning.wds_order(self._shard_code[sel], len(self._shard_names), self.seed, self.epoch,
+                                       self.shuffle)
+        else:
+            order = planning.h5_order(len(sel), self.seed, self.epoch, self.shuffle)
+        rp = planning.rank_plan(sel[order], self.rank, self.world_size, self.batch_size,
+                                contiguous_workers=self.format == "wds")
+        self._plan_cache = (key, rp)
+        return rp
+
+    def __len__(self) -> int:
+        n = len(self._selected)
+        start, stop = planning.split_range(n, self.world_size, self.rank)
+        if self.batch_size is None:
+            return stop - start
+        return planning.batches_per_rank(n, self.world_size, self.batch_size)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_table"] = None
+        return state
+
+    # -- iteration -------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        from cxrshards import pixels
+
+        worker, num_workers = _worker()
+        wp = self.rank_plan().worker(worker, num_workers)
+        if self.format == "hdf5":
+            return self._iter_h5(wp)
+        records = self._wds_records(wp.rows)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = planning.epoch_rng(self.seed, self.epoch, self.rank, worker)
+            records = _shuffle_buffer(records, self.shuffle_buffer, rng)
+        return self._emit_wds(records, wp.sizes, _Decoder(pixels.decode, self.size))
+
+    def _wds_records(self, rows: np.ndarray) -> Iterator[tuple[int, bytes, str]]:
+        """(row, encoded image, codec) for `rows`, in tar order, reading each tar once and sequentially."""
+        if not len(rows):
+            return
+        codes = self._shard_code[rows]
+        for run in np.split(rows, np.flatnonzero(np.diff(codes)) + 1):
+            path = self.shard_dir / self._shard_names[self._shard_code[run[0]]]
+            yield from self._read_tar(path, dict(zip(self._keys[run].tolist(), run.tolist())))
+
+    @staticmethod
+    def _read_tar(path: Path, wanted: dict[bytes, int]) -> Iterator[tuple[int, bytes, str]]:
+        with open(path, "rb", buffering=1 << 20) as f:
+            for name, size in _tar_members(f, path):
+                key, _, ext = name.partition(b".")
+                row = wanted.get(key)
+                if row is None or ext not in _IMAGE_EXTS:
+                    continue
+                data = f.read(size)
+                if len(data) != size:
+                    raise CxrError(f"{path}: truncated at member {name.decode(errors='replace')}; "
+                                   f"run `cxr shard verify {path.parent}`")
+                del wanted[key]
+                yield row, data, _IMAGE_EXTS[ext]
+                if not wanted:
+                    return
+        if wanted:
+            raise CxrError(f"{path}: {len(wanted)} samples listed in manifest.parquet are not in the tar "
+                           f"(e.g. {next(iter(wanted)).decode()}); run `cxr shard verify {path.parent}`")
+
+    def _decode(self, decode, data: bytes, codec: str, row: int) -> np.ndarray:
+        where = f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()}"
+        try:
+            img = decode(data, codec)
+        except CxrError as exc:  # e.g. pixels.PixelError for a corrupt member
+            raise CxrError(f"{where}: {exc}; run `cxr shard verify {self.shard_dir}`") from None
+        return _check_image(img, self.size, where)
+
+    def _emit_wds(self, records: Iterator, sizes: np.ndarray | None, decode) -> Iterator:
+        if sizes is None:
+            for row, data, codec in records:
+                img = self._decode(decode, data, codec, row)
+                yield (torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)[None]),
+                       torch.from_numpy(self._label_values[row].copy()), self._keys[row].decode())
+            return
+        records = iter(records)
+        for b in sizes.tolist():
+            images = torch.empty((b, 1, self.size, self.size), dtype=torch.uint8)
+            out = images.numpy()
+            rows = np.empty(b, dtype=np.int64)
+            got = 0
+            for row, data, codec in itertools.islice(records, b):
+                out[got, 0] = self._decode(decode, data, codec, row)
+                rows[got] = row
+                got += 1
+            if got != b:  # cannot happen with a consistent plan; never yield a short batch silently
+                raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
+            yield self._collate(images, rows)
+
+    def _collate(self, images: torch.Tensor, rows: np.ndarray):
+        return (images, torch.from_numpy(self._label_values[rows]),
+                [k.decode() for k in self._keys[rows].tolist()])
+
+    def _iter_h5(self, wp: planning.WorkerPlan) -> Iterator:
+        h5 = _H5Images(self.shard_dir / f"{self.split}.h5")
+        try:
+            if wp.sizes is not None:
+                start = 0
+                for b in wp.sizes.tolist():
+                    rows = wp.rows[start:start + b]
+                    start += b
+                    images = torch.empty((b, 1, self.size, self.size), dtype=torch.uint8)
+                    out = images.numpy()
+                    where = self._h5_index[rows]
+                    for j in np.argsort(where, kind="stable").tolist():  # file order, placed in plan order
+                        h5.read_into(int(where[j]), out[j, 0])
+                    yield self._collate(images, rows)
+                return
+            block = max(1, min(256, _H5_BLOCK_BYTES // (self.size * self.size)))
+            for start in range(0, len(wp.rows), block):
+                rows = wp.rows[start:start + block]
+                where = self._h5_index[rows]
+                out = [None] * len(rows)
+                for j in np.argsort(where, kind="stable").tolist():
+                    out[j] = np.empty((1, self.size, self.size), dtype=np.uint8)
+                    h5.read_into(int(where[j]), out[j][0])
+                for j, row in enumerate(rows.tolist()):
+                    yield (torch.from_numpy(out[j]), torch.from_numpy(self._label_values[row].copy()),
+                           self._keys[row].decode())
+                    out[j] = None
+        finally:
+            h5.close()
+
+
+def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None,
+                format: str = "auto", seed: int = 0, epoch: int = 0, shuffle: bool | None = None,
+                keys: Iterable[str] | None = None, batch_size: int | None = None, rank: int | None = None,
+                world_size: int | None = None, shuffle_buffer: int = 1000) -> ShardStream:
+    """Open one split of a shard set (a path, or a NAME under ROOT) as a `ShardStream`.
+
+    format: "auto" (hdf5 when SPLIT.h5 exists, else wds), "wds" or "hdf5". shuffle defaults to True for
+    train only. keys: read only these (never decoding the rest). batch_size: yield collated batches, every
+    rank the same number. rank/world_size: default from torch.distributed when initialised, else 0/1.
+    """
+    shard_dir = resolve_shard_dir(name_or_path, root)
+    card = read_card(shard_dir)
+    splits = {name: int((info or {}).get("count", 0)) for name, info in card.get("splits", {}).items()}
+    if splits.get(split, 0) <= 0:
+        present = ", ".join(f"{s} ({n})" for s, n in splits.items() if n > 0) or "none"
+        raise CxrError(f"{shard_dir} has no {split!r} split; splits present: {present}")
+    if format not in FORMATS:
+        raise CxrError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    h5_path = shard_dir / f"{split}.h5"
+    has = {"hdf5": h5_path.is_file(),
+           "wds": any(f.get("split") == split and str(f.get("file", "")).endswith(".tar")
+                      for f in card.get("files", [])) or any(shard_dir.glob(f"{split}-*.tar"))}
+    if format == "auto":
+        format = "hdf5" if has["hdf5"] else "wds"
+    if not has[format]:
+        present = [f for f in ("wds", "hdf5") if has[f]] or ["none"]
+        raise CxrError(f"{shard_dir} has no {format} shards for {split!r} (formats present: "
+                       f"{', '.join(present)}); rebuild with `cxr shard build ... --format {format}` or both")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise CxrError(f"batch_size must be a positive integer or None, not {batch_size!r}")
+    if shuffle_buffer < 0:
+        raise CxrError(f"shuffle_buffer must be >= 0, not {shuffle_buffer}")
+    rank, world_size = _dist_rank(rank, world_size)
+    return ShardStream(shard_dir, split, format, card, seed=seed, epoch=epoch,
+                       shuffle=(split == "train") if shuffle is None else shuffle, keys=keys,
+                       batch_size=batch_size, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random access
+
+
+class H5Split(Dataset):
+    """Map-style view of SPLIT.h5: `len()`, `[i] -> (uint8 [1,S,S], float32 [L], key)`.
+
+    `path_or_dir` is the .h5 file, a shard set directory or a NAME under `root`. Keys and labels come from
+    the file itself (so a bare .h5 works); the file is opened lazily in each process that reads (fork-safe).
+    """
+
+    def __init__(self, path_or_dir: str | os.PathLike, split: str, root: str | os.PathLike | None = None):
+        import h5py
+
+        given = Path(path_or_dir)
+        path = given if given.suffix == ".h5" and given.is_file() else \
+            resolve_shard_dir(path_or_dir, root) / f"{split}.h5"
+        if not path.is_file():
+            raise CxrError(f"{path} does not exist: the shard set has no hdf5 {split!r} split "
+                           f"(build with `cxr shard build ... --format hdf5` or both)")
+        try:
+            with h5py.File(path, "r") as h5:
+                shape = h5["images"].shape
+                self.keys = _key_bytes(k.decode("utf-8") if isinstance(k, bytes) else k
+                                       for k in h5["keys"][()])
+                self._label_values = np.ascontiguousarray(h5["labels"][()], dtype=np.float32)
+                self.labels = json.loads(h5.attrs["labels"]) if "labels" in h5.attrs else []
+        except (OSError, KeyError, ValueError) as exc:
+            raise CxrError(f"{path}: not a cxr HDF5 split ({exc})") from None
+        if len(shape) != 3 or shape[1] != shape[2] or len(self.keys) != shape[0] or \
+                len(self._label_values) != shape[0]:
+            raise CxrError(f"{path}: images {shape}, {len(self.keys)} keys and {len(self._label_values)} "
+                           f"label rows do not agree")
+        self.path, self.split, self.size = path, split, int(shape[1])
+        self._images = _H5Images(path)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int):
+        n = len(self.keys)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for {n} images in {self.path}")
+        image = np.empty((1, self.size, self.size), dtype=np.uint8)
+        self._images.read_into(i, image[0])
+        return torch.from_numpy(image), torch.from_numpy(self._label_values[i].copy()), self.keys[i].decode()
+
+    def close(self) -> None:
+        self._images.close()
