@@ -1,0 +1,117 @@
+"""`cxr eval` (a run's checkpoint on a split of its shard set -> RUN/eval/) and `cxr predict` (raw images)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from cli.app import app, console
+
+
+def _f(x, digits: int = 3) -> str:
+    return "[dim]undefined[/]" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def summary_table(report: dict, title: str | None = None) -> Table:
+    """One row per label (AUROC, AUPRC, sensitivity/specificity at the valid threshold), then macro/micro."""
+    m = report["metrics"]
+    shards = report.get("shard_set", {})
+    table = Table(title=title or f"{report['run']}: {report['split']} split of {shards.get('name')} "
+                  f"({m['n_samples']} images, {m.get('n_patients')} patients)", title_justify="left")
+    table.add_column("label", no_wrap=True, min_width=max(len(n) for n in m["labels"]))
+    for col in ("pos / n", "AUROC", "AUPRC", "threshold", "sens", "spec"):
+        table.add_column(col, justify="right")
+    for name in m["labels"]:
+        e = m["per_label"][name]
+        t = e["at_threshold"]
+        thr = f"{t['threshold']:.3f}" if e["threshold_source"] == "valid" else "0.5*"
+        table.add_row(name, f"{e['positives']} / {e['n']}", _f(e["auroc"]), _f(e["auprc"]), thr,
+                      _pct(t["sensitivity"]), _pct(t["specificity"]))
+    table.add_section()
+    table.add_row("[bold]macro[/]", f"{len(m['defined_labels'])} labels", f"[bold]{_f(m['macro_auroc'])}[/]",
+                  _f(m["macro_auprc"]), "", "", "")
+    table.add_row("[bold]micro[/]", "", _f(m["micro_auroc"]), _f(m["micro_auprc"]), "",
+                  f"acc {_pct(m['accuracy_at_threshold'])}", "")
+    return table
+
+
+def print_report(report: dict, title: str | None = None) -> None:
+    m = report["metrics"]
+    console.print(summary_table(report, title))
+    ci = m.get("macro_auroc_ci") or {}
+    if ci.get("low") is not None:
+        console.print(f"macro AUROC {_f(m['macro_auroc'])}, 95% CI {ci['low']:.3f} to {ci['high']:.3f} "
+                      f"({ci['n_used']} bootstrap resamples of patients, seed {ci['seed']})")
+    pf = report.get("phantom_findings") or {}
+    if pf.get("labels"):
+        console.print(f"phantom data: macro AUROC over the {pf['labels_used']} finding(s) drawn into the pixels "
+                      f"[bold]{_f(pf.get('macro_auroc'))}[/]")
+    if m["undefined_labels"]:
+        console.print("undefined (no positive or no negative in this split, left out of macro): "
+                      + ", ".join(m["undefined_labels"]))
+    if report["thresholds"]["source"] != "valid":
+        console.print("* no valid split: thresholds at 0.5")
+    for r in report.get("references") or []:
+        note = " (phantom data: not comparable)" if report["shard_set"].get("phantom") else ""
+        console.print(f"reference: {r['name']}: macro AUROC {r['macro_auroc']:.3f}; ours on "
+                      f"{r.get('ours_labels_used', 0)} of its labels {_f(r.get('ours_macro_auroc'))}{note}")
+    eval_dir = Path(report["files"]["report.json"]).parent
+    console.print(f"wrote {eval_dir}/: report.md, report.json, predictions.parquet, roc.png, pr.png")
+
+
+@app.command("eval")
+def eval_command(
+    run: str = typer.Option(..., "--run", help="Run folder written by `cxr train --out RUN`."),
+    ckpt: str = typer.Option("best", "--ckpt", help="best | last | PATH of a checkpoint file."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate: test | valid | train."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME or path (default: the one in the run's config.json)."),
+    root: Optional[str] = typer.Option(None, "--root", help="Shard root for --shards (default: the run's, else $CXR_SHARDS or ./shards)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient resamples for the 95% CI of macro AUROC (0 = none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+) -> None:
+    """Evaluate a run: report.json, report.md, predictions.parquet, roc.png, pr.png in RUN/eval/."""
+    from trainer.evaluate import EvalError, evaluate_run
+
+    if split not in ("train", "valid", "test"):
+        raise EvalError(f"--split {split!r}: expected test, valid or train")
+    report = evaluate_run(run, ckpt=ckpt, split=split, shards=shards, root=root, out=out, n_boot=bootstrap,
+                          seed=seed, device=device, batch_size=batch_size, workers=workers,
+                          log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    print_report(report)
+
+
+@app.command("predict")
+def predict_command(
+    images: List[Path] = typer.Argument(..., help="PNG/JPG files."),
+    run: str = typer.Option(..., "--run", help="Run folder written by `cxr train --out RUN`."),
+    ckpt: str = typer.Option("best", "--ckpt", help="best | last | PATH of a checkpoint file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (one object) instead of a table."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Per-label probabilities for raw images, preprocessed exactly as the run's shard set was built."""
+    from trainer.predict import predict_images
+
+    result = predict_images(images, run, ckpt, device=device)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    pre = result["preprocessing"]
+    table = Table(title=f"{result['checkpoint']} ({pre['size']} px, fit {pre['fit']}, codec {pre['codec']})",
+                  title_justify="left")
+    table.add_column("label")
+    for p in result["predictions"]:
+        table.add_column(Path(p["image"]).name, justify="right")
+    for name in result["labels"]:
+        table.add_row(name, *(f"{p['probabilities'][name]:.3f}" for p in result["predictions"]))
+    console.print(table)
