@@ -1,0 +1,127 @@
+"""The unit of work of a shard build: one piece (a run of consecutive samples) of one shard.
+
+`run_piece(task)` is a top-level function of a frozen, picklable task, so it runs the same inline, in a
+process pool (any start method) or on a Dask worker. It decodes, resizes and encodes each image, and
+writes three files into the work folder, each atomically:
+
+- `STEM.tarpart`: the tar members of the kept samples (`writers.sample_members`), no end blocks;
+- `STEM.u8`: their pixels after the codec round trip, size x size bytes each, in order (for HDF5);
+- `STEM.json`: the record returned (written last: a record on disk means the piece is whole).
+
+A rejected image (`PixelError`) is simply absent: which sample goes to which shard was decided before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cxrshards.pixels import PixelError, decode, encode, prepare
+from cxrshards.writers import EXTENSIONS, sample_members
+from manifests.atomic import atomic_path, write_bytes_atomic
+
+
+@dataclass(frozen=True)
+class PieceTask:
+    """Samples `start .. start+len(items)` of shard `shard` (a file stem such as `train-000003`)."""
+
+    shard: str
+    start: int
+    items: tuple[tuple[str, str, bytes], ...]   # (key, image path relative to raw, KEY.json bytes)
+    raw: str                                    # absolute raw root
+    size: int
+    fit: str
+    codec: str
+    jpeg_quality: int
+    wds: bool                                   # write the .tarpart
+    hdf5: bool                                  # write the .u8 pixels
+    work: str                                   # folder for this piece's files (absolute)
+    shard_id: str                               # fingerprint of the whole shard's inputs and options
+
+    @property
+    def stem(self) -> str:
+        return f"{self.shard}.{self.start:06d}"
+
+    @property
+    def task_id(self) -> str:
+        """Fingerprint of everything that shapes this piece's bytes (the work folder excluded)."""
+        return hashlib.sha256(f"{self.shard_id}:{self.start}:{len(self.items)}".encode()).hexdigest()
+
+    def paths(self) -> dict[str, Path]:
+        base = Path(self.work) / self.stem
+        return {"tarpart": base.with_name(base.name + ".tarpart"), "u8": base.with_name(base.name + ".u8"),
+                "record": base.with_name(base.name + ".json")}
+
+
+def shard_fingerprint(options: dict, items: list[tuple[str, str, bytes]] | tuple) -> str:
+    """sha256 over the pixel options and every (key, path, json) of a shard, in order."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for key, path, meta in items:
+        digest.update(b"\0" + key.encode() + b"\0" + path.encode() + b"\0" + meta)
+    return digest.hexdigest()
+
+
+def process_image(path: str | os.PathLike, size: int, fit: str, codec: str, quality: int) -> tuple[bytes, np.ndarray]:
+    """(encoded shard member, pixels after the codec round trip) of one raw image; PixelError if unusable.
+
+    The pixels equal `cxrshards.pixels.preprocess(path, size, fit, codec, quality)` (what `cxr predict` sees)."""
+    img = prepare(path, size, fit)
+    data = encode(img, codec, quality)
+    if codec == "jpeg":   # png and raw are lossless: the round trip gives back `img`
+        img = decode(data, codec)
+    return data, img
+
+
+def run_piece(task: PieceTask) -> dict:
+    """Process one piece and write its files; returns its record (also written as `STEM.json`).
+
+    OpenCV runs single-threaded meanwhile: the build's parallelism is one piece per process, and extra
+    OpenCV threads per process would only compete for the same cores.
+    """
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return _run_piece(task)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _run_piece(task: PieceTask) -> dict:
+    paths = task.paths()
+    Path(task.work).mkdir(parents=True, exist_ok=True)
+    ext = EXTENSIONS[task.codec]
+    raw = Path(task.raw)
+    kept: list[str] = []
+    rejects: list[list[str]] = []
+    hist = np.zeros(256, dtype=np.int64)
+    tar_digest, u8_digest = hashlib.sha256(), hashlib.sha256()
+    with atomic_path(paths["tarpart"]) as tar_tmp, atomic_path(paths["u8"]) as u8_tmp:
+        with open(tar_tmp, "wb") as tar_fh, open(u8_tmp, "wb") as u8_fh:
+            for key, rel, meta in task.items:
+                try:
+                    data, pixels = process_image(raw / rel, task.size, task.fit, task.codec, task.jpeg_quality)
+                except PixelError as exc:
+                    rejects.append([key, rel, exc.reason])
+                    continue
+                kept.append(key)
+                hist += np.bincount(pixels.ravel(), minlength=256)
+                if task.wds:
+                    block = sample_members(key, {ext: data, "json": meta})
+                    tar_fh.write(block)
+                    tar_digest.update(block)
+                if task.hdf5:
+                    buf = pixels.tobytes()
+                    u8_fh.write(buf)
+                    u8_digest.update(buf)
+    record = {
+        "task": task.task_id, "shard": task.shard, "start": task.start, "count": len(kept), "keys": kept,
+        "rejects": rejects, "hist": hist.tolist(),
+        "tarpart_sha256": tar_digest.hexdigest(), "u8_sha256": u8_digest.hexdigest(),
+    }
+    write_bytes_atomic(paths["record"], json.dumps(record).encode())
+    return record
