@@ -37,7 +37,8 @@ REJECT_REASONS = ("missing", "zero bytes", "truncated", "corrupt", "unreadable")
 # decode + area resize (every size 64..512 in steps of 8, every fit; 39.4 dB at 1.0, 43.0 at 1.5).
 # MIMIC-sized sources (2544 x 3056) still decode at 1/8 for targets up to 305 (pad) / 254 (squash, crop).
 REDUCED_MARGIN = 1.25
-PNG_COMPRESSION = 1  # fixed zlib level for shard PNGs (fastest; level 3 saves ~1%, 6 saves ~5% at 3-4x the time)
+PNG_COMPRESSION = 1  # fixed zlib level for shard PNGs, with the RLE strategy: on X-rays at 224 px
+# both smaller (~15%) and faster than the default strategy; level 6 saves ~5% more at 3-4x the time
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
@@ -247,12 +248,22 @@ def fit_resize(img: np.ndarray, size: int, fit: str = "pad") -> np.ndarray:
     if fit == "pad" and h != w:
         new_h, new_w, top, left = pad_geometry(h, w, size)
         out = np.zeros((size, size), np.uint8)
-        resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        out[top : top + new_h, left : left + new_w] = resized
+        out[top : top + new_h, left : left + new_w] = area_resize(img, new_h, new_w)
         return out
     if (h, w) == (size, size):
         return np.ascontiguousarray(img, dtype=np.uint8).copy()
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return area_resize(img, size, size)
+
+
+def area_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Area interpolation to out_h x out_w. When the image shrinks by k >= 2 and k divides both sides
+    (NIH's 1024 px -> 224: k = 4), first average k x k blocks (OpenCV's fast integer path), then area
+    resize the rest: about 3x faster than one fractional area resize, >= 45 dB from it."""
+    h, w = img.shape[:2]
+    k = min(h // out_h, w // out_w)
+    if k >= 2 and h % k == 0 and w % k == 0:
+        img = cv2.resize(img, (w // k, h // k), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA)
 
 
 Box = tuple[int, int, int, int]
@@ -343,7 +354,8 @@ def encode(img: np.ndarray, codec: str, quality: int = 95) -> bytes:
         np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
         return buf.getvalue()
     if codec == "png":
-        ok, out = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+        ok, out = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION,
+                                          cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
     else:
         if not 1 <= quality <= 100:
             raise CxrError(f"JPEG quality must be 1..100, got {quality}")
