@@ -1,0 +1,105 @@
+"""`cxr train`: options -> TrainConfig (defaults <- --config file <- flags) -> trainer.fit -> summary.
+
+Every option defaults to None here, meaning "not given": the config file or TrainConfig's default
+applies. Under torchrun every rank runs this command; only rank 0 prints and writes.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.app import app, console
+from trainer.config import TrainConfig, resolve_config
+
+D = TrainConfig()
+
+
+def _d(name: str) -> str:
+    return f" (default: {getattr(D, name)})"
+
+
+@app.command("train")
+def train(
+    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME (under --root) or path to its folder."),
+    root: Optional[str] = typer.Option(None, "--root", help="Shard root (default: $CXR_SHARDS or ./shards)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder, e.g. runs/nih-r18."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML/YAML/JSON file of options; flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file."),
+    # data
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated subset of the card's labels (default: all)."),
+    views: Optional[str] = typer.Option(None, "--views", help="Comma-separated views to keep in train and valid, e.g. AP (default: all)."),
+    max_per_label: Optional[int] = typer.Option(None, "--max-per-label", help="Per-label cap of train positives, fresh draw each epoch; 0 = off." + _d("max_per_label")),
+    format: Optional[str] = typer.Option(None, "--format", help="Reader format: auto|wds|hdf5." + _d("format")),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _d("workers")),
+    shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer", help="Reader shuffle buffer (samples)." + _d("shuffle_buffer")),
+    # model
+    model: Optional[str] = typer.Option(None, "--model", help="resnet18|resnet34|resnet50|resnet101|densenet121|densenet169." + _d("model")),
+    init: Optional[str] = typer.Option(None, "--init", help="scratch | imagenet | PATH of a cxr checkpoint (backbone transfer)." + _d("init")),
+    imagenet_weights: Optional[str] = typer.Option(None, "--imagenet-weights", help="torchvision ImageNet .pth (default: $TORCH_HOME/hub/checkpoints/<file>)."),
+    task: Optional[str] = typer.Option(None, "--task", help="auto|multilabel|binary (auto: one label -> binary)." + _d("task")),
+    stage: Optional[int] = typer.Option(None, "--stage", help="Staged fine-tuning 1..4 (1: layer2-4+head ... 4: head only); 0 = all." + _d("stage")),
+    # loss
+    loss: Optional[str] = typer.Option(None, "--loss", help="bce|bce-pos-weight|focal|ce." + _d("loss")),
+    focal_gamma: Optional[float] = typer.Option(None, "--focal-gamma", help="Focal loss gamma." + _d("focal_gamma")),
+    focal_alpha: Optional[float] = typer.Option(None, "--focal-alpha", help="Focal loss alpha (default: none)."),
+    # optimisation
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam|adamw|sgd." + _d("optimizer")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate." + _d("lr")),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay." + _d("weight_decay")),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum." + _d("momentum")),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="none|step|cosine." + _d("scheduler")),
+    step_size: Optional[int] = typer.Option(None, "--step-size", help="step: epochs between decays." + _d("step_size")),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="step: decay factor." + _d("gamma")),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup, optimizer steps." + _d("warmup")),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="cosine: final learning rate." + _d("min_lr")),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs." + _d("epochs")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size per process." + _d("batch_size")),
+    early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after N epochs without better val macro AUROC; 0 = off." + _d("early_stop")),
+    # augmentation
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flip." + _d("flip")),
+    augment: Optional[str] = typer.Option(None, "--augment", help="light (small resized crop + rotation) | none." + _d("augment")),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="MEAN,STD on the 0..1 scale, e.g. 0.5,0.5 (default: the card's train stats)."),
+    # runtime
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32|bf16|fp16." + _d("precision")),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format." + _d("channels_last")),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model." + _d("compile")),
+    device: Optional[str] = typer.Option(None, "--device", help="auto|cpu|cuda." + _d("device")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of init, data order, augmentation." + _d("seed")),
+) -> None:
+    """Train a ResNet/DenseNet on a shard set; writes config.json, metrics.csv, last.pt, best.pt."""
+    from trainer import distributed
+    from trainer.fitting import fit
+
+    overrides = {k: v for k, v in locals().items()
+                 if k not in ("config", "resume", "resume_from", "fit", "distributed") and v is not None}
+    if resume_from is not None:
+        overrides["resume"] = resume_from
+    elif resume:
+        overrides["resume"] = "last"
+    cfg = resolve_config(config, overrides)
+    main = distributed.env_info().is_main
+    run_dir = fit(cfg, log=(lambda msg: console.print(msg, highlight=False, soft_wrap=True)) if main else None)
+    if main:
+        _summary(run_dir)
+
+
+def _summary(run_dir: Path) -> None:
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        return
+    with open(metrics, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+
+    def score(row: dict) -> float:
+        value = float(row["val_auroc_macro"])
+        return value if value == value else float("-inf")
+
+    best = max(rows, key=score)
+    console.print(f"[bold green]done[/]: {run_dir} ({len(rows)} epochs); best val macro AUROC "
+                  f"{best['val_auroc_macro']} at epoch {best['epoch']} -> {run_dir / 'best.pt'}", highlight=False, soft_wrap=True)

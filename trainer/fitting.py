@@ -1,0 +1,369 @@
+"""`fit(config) -> run dir`: the whole of `cxr train`, from a shard set to checkpoints and metrics.
+
+Reads: the shard set's card (labels, pixel stats) and, for the per-label cap or pos_weight, its
+manifest. Writes (rank 0 only): RUN/config.json, card.json, metrics.csv, last.pt (every epoch),
+best.pt (best validation macro AUROC), all atomically.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import cxrshards
+from manifests import __version__
+from manifests.atomic import atomic_path, write_bytes_atomic
+from manifests.errors import CxrError
+from manifests.sampling import cap_sample
+from manifests.table import read_manifest
+from trainer import distributed
+from trainer.augment import AugmentSpec
+from trainer.checkpoint import (CheckpointError, card_sha256, load_checkpoint, restore_rng, rng_state,
+                                save_checkpoint)
+from trainer.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from trainer.loop import EpochStats, predict_logits, train_one_epoch
+from trainer.losses import make_loss, pos_weight_from_table, probabilities
+from trainer.metrics import auroc_per_label, macro_auroc, micro_auroc
+from trainer.models import (apply_stage, build_model, imagenet_weights_path, load_imagenet, load_transfer,
+                            set_train_mode)
+from trainer.schedule import get_lr, schedule_state
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc_macro", "val_auroc_micro", "lr",
+                  "samples_per_s", "data_wait_frac", "train_samples", "val_samples", "epoch_s")
+STATE_HASH_ENV = "CXR_STATE_HASH_DIR"   # debug/test hook: each rank writes the sha256 of its final weights there
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- resolving the setup
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def resolve_labels(card_labels: list[str], wanted: tuple[str, ...]) -> tuple[list[str], list[int] | None]:
+    """(label names trained, their column indices in the card; None = all, in card order)."""
+    if not wanted:
+        return list(card_labels), None
+    unknown = [w for w in wanted if w not in card_labels]
+    if unknown:
+        raise ConfigError(f"--labels: {unknown[0]!r} is not a label of this shard set "
+                          f"(it has: {', '.join(card_labels)})")
+    return list(wanted), [card_labels.index(w) for w in wanted]
+
+
+def resolve_task(task: str, loss: str, n_labels: int) -> tuple[str, str, int]:
+    """(task, head, number of logits)."""
+    if task == "auto":
+        task = "binary" if n_labels == 1 else "multilabel"
+    if task == "binary" and n_labels != 1:
+        raise ConfigError(f"--task binary needs exactly one label, this run has {n_labels}: pass --labels NAME")
+    if loss == "ce" and task != "binary":
+        raise ConfigError("--loss ce is for a binary task (one label, 2 logits); use bce, bce-pos-weight or focal")
+    if loss == "ce":
+        return task, "softmax", 2
+    return task, "sigmoid", n_labels
+
+
+def _normalisation(cfg: TrainConfig, card: dict) -> tuple[float, float]:
+    if cfg.normalize is not None:
+        return float(cfg.normalize[0]), float(cfg.normalize[1])
+    mean, std = card.get("pixel_mean"), card.get("pixel_std")
+    if mean is None or not std:
+        raise ConfigError("the shard card has no pixel_mean/pixel_std: pass --normalize MEAN,STD (e.g. 0.5,0.5)")
+    return float(mean), float(std)
+
+
+def _select_views(table, views: tuple[str, ...], shard_dir: Path):
+    """The manifest rows whose view is in `views` (all rows when empty); CxrError if train or valid is left empty."""
+    if not views:
+        return table
+    kept = table[table["view"].isin(views)]
+    for split in ("train", "valid"):
+        if not (kept["split"] == split).any():
+            present = sorted(str(v) for v in table["view"].dropna().unique())
+            raise ConfigError(f"--views {','.join(views)}: no {split} rows of {shard_dir.name} have these views "
+                              f"(views present: {', '.join(present) or 'none'})")
+    return kept
+
+
+def _config_changes(old: dict, new: TrainConfig) -> list[str]:
+    now = new.to_dict()
+    return [k for k in now if k not in RESUMABLE_CHANGES and k in old and old[k] != now[k]]
+
+
+def _check_resume(state: dict, cfg: TrainConfig, sha: str, labels: list[str], shard_dir: Path) -> None:
+    where = state["path"]
+    if state.get("card_sha256") != sha:
+        raise CheckpointError(f"{where} was trained on another shard set: its card sha256 is "
+                              f"{str(state.get('card_sha256'))[:12]}..., {shard_dir / 'dataset.json'} has {sha[:12]}...")
+    if list(state["labels"]) != labels:
+        raise CheckpointError(f"{where} was trained on labels {', '.join(state['labels'])}, this run has "
+                              f"{', '.join(labels)}")
+    changed = _config_changes(state["config"], cfg)
+    if changed:
+        k = changed[0]
+        raise CheckpointError(f"{where}: --resume with a changed option {k} ({state['config'][k]!r} -> "
+                              f"{cfg.to_dict()[k]!r})" + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                              + "; resume with the run's own options or start a new --out")
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig, labels: list[str], task: str, head: str, log: Log) -> None:
+    if cfg.init == "scratch":
+        return
+    if cfg.init == "imagenet":
+        path = imagenet_weights_path(cfg.model, cfg.imagenet_weights)
+        load_imagenet(model, cfg.model, path)
+        log(f"init: ImageNet weights {path}")
+        return
+    src = load_checkpoint(cfg.init)
+    if src["config"].get("model") != cfg.model:
+        raise ConfigError(f"--init {cfg.init} holds a {src['config'].get('model')}, but --model is {cfg.model}")
+    keep_head = list(src["labels"]) == labels and src["task"] == task and src.get("head", "sigmoid") == head
+    load_transfer(model, cfg.model, src["model"], keep_head=keep_head, source=src["path"])
+    log(f"init: {src['path']} ({'whole model' if keep_head else 'backbone; new head for ' + ', '.join(labels)})")
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 over the names and bytes of every tensor of the model's state dict."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def epoch_keys(cfg: TrainConfig, table, labels: list[str], epoch: int) -> list[str]:
+    """The train keys of `epoch`: the per-label cap's fresh draw (a pure function of (seed, epoch)), else
+    every train row of `table` (already restricted to --views)."""
+    if cfg.max_per_label:
+        return cap_sample(table, labels, cfg.max_per_label, cfg.seed, epoch)
+    return table.loc[table["split"] == "train", "key"].tolist()
+
+
+# --------------------------------------------------------------------------- validation and metrics.csv
+
+@dataclass
+class Validation:
+    loss: float                  # mean loss over labelled entries of the whole valid split
+    macro: float                 # AUROC averaged over labels where defined (NaN if none)
+    micro: float
+    per_label: np.ndarray        # AUROC per label, NaN where undefined
+    samples: int
+
+
+def validate(model: nn.Module, loader, loss_fn, device: torch.device, *, head: str, mean: float, std: float,
+             label_index, precision: str, channels_last: bool) -> Validation:
+    """Loss and AUROC on the valid split (every rank's rows gathered, so all ranks get the same numbers)."""
+    logits, y, _keys = predict_logits(model, loader, device, mean=mean, std=std, label_index=label_index,
+                                      precision=precision, channels_last=channels_last)
+    if not len(y):
+        return Validation(float("nan"), float("nan"), float("nan"), np.full(0, np.nan), 0)
+    probs, y_np = probabilities(logits, head).numpy(), y.numpy()
+    return Validation(loss=float(loss_fn(logits, y).item()), macro=macro_auroc(y_np, probs),
+                      micro=micro_auroc(y_np, probs), per_label=auroc_per_label(y_np, probs), samples=len(y_np))
+
+
+def _metrics_row(epoch: int, stats: EpochStats, val: Validation, labels: list[str]) -> dict[str, Any]:
+    row = {"epoch": epoch, "train_loss": _fmt(stats.loss), "val_loss": _fmt(val.loss),
+           "val_auroc_macro": _fmt(val.macro), "val_auroc_micro": _fmt(val.micro), "lr": _fmt(stats.lr),
+           "samples_per_s": _fmt(stats.samples_per_s), "data_wait_frac": _fmt(stats.wait_fraction),
+           "train_samples": stats.samples, "val_samples": val.samples, "epoch_s": _fmt(stats.seconds)}
+    row.update({f"auroc_{name}": _fmt(float(a)) for name, a in zip(labels, val.per_label)})
+    return row
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [row for row in csv.DictReader(fh) if int(row["epoch"]) <= upto_epoch]
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(METRIC_COLUMNS)
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+
+
+# --------------------------------------------------------------------------- the run
+
+def fit(cfg: TrainConfig, log: Log | None = None) -> Path:
+    """Train as `cfg` says; returns the run folder. Under torchrun every rank calls this."""
+    cfg.validate()
+    info = distributed.env_info()
+    device = pick_device(cfg.device, info.local_rank)
+    distributed.init(device)
+    try:
+        return _fit(cfg, device, info, log if info.is_main and log is not None else (lambda _msg: None))
+    finally:
+        distributed.shutdown()
+
+
+def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log: Log) -> Path:
+    run_dir = Path(cfg.out)
+    shard_dir = cxrshards.resolve_shard_dir(cfg.shards, cfg.root)
+    card = cxrshards.read_card(shard_dir)
+    sha = card_sha256(shard_dir)
+    labels, label_index = resolve_labels(list(card["labels"]), cfg.labels)
+    task, head, n_outputs = resolve_task(cfg.task, cfg.loss, len(labels))
+    mean, std = _normalisation(cfg, card)
+    if not card.get("splits", {}).get("valid", {}).get("count", 1):
+        raise CxrError(f"shard set {shard_dir} has no valid samples: validation needs the valid split")
+
+    # -- resume or fresh start
+    state = None
+    if cfg.resume:
+        ckpt = run_dir / "last.pt" if cfg.resume == "last" else Path(cfg.resume)
+        if not ckpt.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt}"
+                                  + (" (the run never finished an epoch)" if cfg.resume == "last" else ""))
+        state = load_checkpoint(ckpt)
+        _check_resume(state, cfg, sha, labels, shard_dir)
+    elif (run_dir / "last.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it or pick another --out")
+
+    # -- model, stage, optimizer
+    model = build_model(cfg.model, n_outputs, seed=cfg.seed)
+    if state is None:
+        _init_weights(model, cfg, labels, task, head, log)
+    trained = apply_stage(model, cfg.model, cfg.stage)
+    if cfg.stage:
+        log(f"stage {cfg.stage}: training {len(trained)} of {len(list(model.parameters()))} parameter tensors")
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    start_epoch, step, best, best_epoch = 0, 0, float("-inf"), 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best = float(state["best_metric"]) if state.get("best_metric") is not None else float("-inf")
+        best_epoch = int(state.get("best_epoch", 0))
+        restore_rng(state.get("rng", {}))
+        log(f"resume: {state['path']} after epoch {start_epoch} (step {step})")
+
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    # -- data
+    table = None
+    if cfg.max_per_label or cfg.loss == "bce-pos-weight" or cfg.views:
+        table = _select_views(read_manifest(shard_dir / "manifest.parquet").table, cfg.views, shard_dir)
+    pos_weight = None
+    if cfg.loss == "bce-pos-weight":
+        pos_weight = torch.from_numpy(pos_weight_from_table(table, labels))
+        log("pos_weight: " + ", ".join(f"{n}={w:.3g}" for n, w in zip(labels, pos_weight.tolist())))
+    loss_fn = make_loss(cfg.loss, pos_weight=pos_weight, gamma=cfg.focal_gamma, alpha=cfg.focal_alpha)
+    common = dict(root=None, format=cfg.format, seed=cfg.seed, batch_size=cfg.batch_size,
+                  rank=info.rank, world_size=info.world_size)
+    train_stream = cxrshards.open_shards(shard_dir, "train", epoch=start_epoch, shuffle=True,
+                                         shuffle_buffer=cfg.shuffle_buffer, **common)
+    valid_stream = cxrshards.open_shards(shard_dir, "valid", shuffle=False, **common)
+    if cfg.views:
+        valid_stream.set_keys(table.loc[table["split"] == "valid", "key"].tolist())
+    loader_args = dict(batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_stream, generator=torch.Generator().manual_seed(cfg.seed),
+                                               **loader_args)
+    valid_loader = torch.utils.data.DataLoader(valid_stream, generator=torch.Generator().manual_seed(cfg.seed),
+                                               **loader_args)
+
+    # -- run folder
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = dataclasses.replace(cfg, resume=None).to_dict()
+        write_bytes_atomic(run_dir / "config.json", (json.dumps(saved, indent=2) + "\n").encode())
+        with atomic_path(run_dir / "card.json") as tmp:
+            shutil.copyfile(shard_dir / "dataset.json", tmp)
+    rows: list[dict[str, Any]] = _read_metrics(run_dir / "metrics.csv", start_epoch) if state is not None else []
+
+    spec = AugmentSpec(flip=cfg.flip, light=cfg.augment == "light", mean=mean, std=std)
+    lr_at = lambda s, progress: get_lr(s, progress, cfg)  # noqa: E731 - pure function of the position
+    train_mode = lambda m: set_train_mode(m, cfg.model, cfg.stage)  # noqa: E731
+    log(f"train: {cfg.model} {task} on {len(labels)} label(s), {shard_dir.name}, device {device}"
+        + (f" x{info.world_size} ranks" if info.enabled else "") + f", epochs {start_epoch + 1}..{cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stream.set_epoch(epoch)
+        if table is not None:
+            train_stream.set_keys(epoch_keys(cfg, table, labels, epoch))
+        stats: EpochStats = train_one_epoch(
+            net, train_loader, optimizer, loss_fn, device, epoch=epoch, start_step=step, lr_at=lr_at,
+            augment=spec, seed=cfg.seed, rank=info.rank, label_index=label_index, precision=cfg.precision,
+            scaler=scaler, channels_last=cfg.channels_last, set_train_mode=train_mode)
+        step += stats.steps
+        distributed.average_buffers(model)
+        val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,
+                       precision=cfg.precision, channels_last=cfg.channels_last)
+        macro = val.macro
+        improved = not math.isnan(macro) and macro > best
+        if improved:
+            best, best_epoch = macro, epoch + 1
+        rows.append(_metrics_row(epoch + 1, stats, val, labels))
+        if info.is_main:
+            ckpt = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": schedule_state(cfg, step, float(epoch + 1), stats.lr), "scaler": scaler.state_dict(),
+                "epoch": epoch + 1, "step": step, "rng": rng_state(),
+                "config": dataclasses.replace(cfg, resume=None).to_dict(),
+                "labels": labels, "task": task, "head": head, "card_sha256": sha,
+                "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
+                "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
+            }
+            save_checkpoint(run_dir / "last.pt", ckpt)
+            if improved or not (run_dir / "best.pt").exists():
+                save_checkpoint(run_dir / "best.pt", ckpt)
+            _write_metrics(run_dir / "metrics.csv", rows)
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
+            f"val AUROC macro {macro:.4f} micro {val.micro:.4f}, {stats.samples_per_s:.1f} samples/s, "
+            f"data wait {100 * stats.wait_fraction:.1f}%" + (" *" if improved else ""))
+        if cfg.early_stop and epoch + 1 - best_epoch >= cfg.early_stop:
+            log(f"early stop: no better val macro AUROC for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
+            break
+    distributed.barrier()
+    hash_dir = os.environ.get(STATE_HASH_ENV)
+    if hash_dir:
+        Path(hash_dir).mkdir(parents=True, exist_ok=True)
+        (Path(hash_dir) / f"rank{info.rank}.sha256").write_text(state_sha256(model) + "\n")
+    return run_dir
