@@ -43,12 +43,6 @@ def _one_core() -> None:
     cv2.setNumThreads(1)
 
 
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def _rss_mib() -> float:
     import psutil
 
@@ -61,7 +55,7 @@ def measure_shards(shard_dir: str, fmt: str) -> dict:
     import cxrshards
 
     stream = cxrshards.open_shards(shard_dir, "train", format=fmt, batch_size=BATCH, seed=0)
-    rss_before = _rss_mib()
+    rss_before = peak = _rss_mib()
     n = sum(len(keys) for _, _, keys in stream)  # warm-up: page cache, first-use imports
     samples, epochs, started = 0, 0, time.perf_counter()
     while time.perf_counter() - started < MIN_SECONDS:
@@ -69,9 +63,10 @@ def measure_shards(shard_dir: str, fmt: str) -> dict:
         stream.set_epoch(epochs)
         for images, labels, keys in stream:
             samples += images.shape[0]
+            peak = max(peak, _rss_mib())
     seconds = time.perf_counter() - started
     return {"samples_per_s": samples / seconds, "samples": n, "epochs": epochs,
-            "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": rss_before}
+            "peak_rss_mib": peak, "rss_before_mib": rss_before}
 
 
 def measure_seed_loader(paths: list[str]) -> dict:
@@ -89,14 +84,15 @@ def measure_seed_loader(paths: list[str]) -> dict:
     def sample(path: str) -> torch.Tensor:
         return tf(Image.fromarray(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)))
 
-    rss_before = _rss_mib()
+    rss_before = peak = _rss_mib()
     sample(paths[0])  # warm-up
     started = time.perf_counter()
     for i in range(0, len(paths), BATCH):
         torch.stack([sample(p) for p in paths[i:i + BATCH]])
+        peak = max(peak, _rss_mib())
     seconds = time.perf_counter() - started
     return {"samples_per_s": len(paths) / seconds, "samples": len(paths), "epochs": 1,
-            "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": rss_before}
+            "peak_rss_mib": peak, "rss_before_mib": rss_before}
 
 
 def _in_child(kind: str, *args) -> dict:
@@ -194,8 +190,8 @@ def run(workdir: Path, shard_dir_by_codec: dict | None = None) -> str:
         f"loader, per sample `cv2.imread` of the 1024 px source PNG + torchvision `Resize({SIZE})`/`ToTensor`/"
         f"`Normalize`, stacked into batches ({base['samples']} reads), on the phantom sources and on the real "
         f"NIH images; ratios are against the faster of the two ({b:,.0f} samples/s). Peak RSS is each process's "
-        f"own (`ru_maxrss`), most of it the imports (torch); the last column is the growth after opening "
-        f"the reader.",
+        f"own, sampled after every batch (psutil; `ru_maxrss` would carry the parent's peak across exec), "
+        f"most of it the imports (torch); the last column is the growth after opening the reader.",
         "",
         "| reader | samples/s | x seeds' loader | target | peak RSS (MiB) | RSS growth while reading (MiB) |",
         "|---|---:|---:|---:|---:|---:|",
