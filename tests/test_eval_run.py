@@ -104,3 +104,16 @@ def test_one_line_errors(tiny_run, tmp_path):
         assert needle in result.output, (args, result.output)
         assert "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_eval_keeps_the_views_the_run_trained_on(tiny_run):
+    """A run trained with `--views` is evaluated on those views only; views absent from the split are an error."""
+    from trainer.evaluate import EvalError, _view_keys
+
+    root, shard_dir, run = tiny_run
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    test_keys = sorted(manifest.loc[manifest["split"] == "test", "key"])
+    assert _view_keys(shard_dir, "test", ()) is None
+    assert sorted(_view_keys(shard_dir, "test", ("PA",))) == test_keys
+    with pytest.raises(EvalError, match="no 'test' images with the run's views AP"):
+        _view_keys(shard_dir, "test", ("AP",))

@@ -328,15 +328,28 @@ def _patient_ids(shard_dir: Path, keys: Sequence[str]) -> list[str]:
     return [lookup.get(k, k) for k in keys]
 
 
+def _view_keys(shard_dir: Path, split: str, views: tuple[str, ...]) -> list[str] | None:
+    """The keys of `split` whose view is one the run trained on (`cxr train --views`); None = all."""
+    if not views:
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shard_dir / "manifest.parquet", columns=["key", "split", "view"]).to_pandas()
+    keys = table.loc[(table["split"] == split) & table["view"].isin(views), "key"].astype(str).tolist()
+    if not keys:
+        raise EvalError(f"shard set {shard_dir} has no {split!r} images with the run's views {','.join(views)}")
+    return keys
+
+
 def _predict_split(loaded, shard_dir: Path, split: str, label_index: list[int], *, fmt: str,
-                   batch_size: int, workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   batch_size: int, workers: int, views: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import torch
 
     import cxrshards
     from trainer.loop import predict
 
     stream = cxrshards.open_shards(shard_dir, split, format=fmt, shuffle=False, batch_size=batch_size,
-                                   rank=0, world_size=1)
+                                   rank=0, world_size=1, keys=_view_keys(shard_dir, split, views))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     inf = loaded.inference
     probs, labels, keys = predict(inf.model, loader, loaded.device, mean=inf.mean, std=inf.std, head=inf.head,
@@ -420,7 +433,8 @@ def evaluate_run(
         raise EvalError(f"shard set {shard_dir} has no {split!r} samples to evaluate (splits: {present}); "
                         f"pick another with --split")
     out_dir = Path(out) if out is not None else run_dir / "eval"
-    common = dict(fmt=format, batch_size=batch_size, workers=workers)
+    # A run trained on some views (`cxr train --views AP`) is evaluated on the same views.
+    common = dict(fmt=format, batch_size=batch_size, workers=workers, views=tuple(cfg.get("views") or ()))
 
     thresholds, threshold_source, valid_summary = None, "valid", None
     if counts["valid"] > 0:
@@ -463,6 +477,7 @@ def evaluate_run(
     report = {
         "run": str(run_dir),
         "split": split,
+        "views": list(common["views"]) or None,
         "model": cfg.get("model"),
         "task": inf.task,
         "head": inf.head,
