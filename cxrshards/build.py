@@ -32,6 +32,7 @@ import pandas as pd
 
 from cxrshards.card import (BUILD_NAME, CARD_NAME, MANIFEST_NAME, REJECTS_NAME, make_card, write_json,
                             write_located_manifest)
+from cxrshards.paths import shards_root
 from cxrshards.pixels import CODECS, FITS
 from cxrshards.tasks import PieceTask, run_piece, shard_fingerprint
 from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, write_h5
@@ -61,11 +62,6 @@ class RejectLimitError(CxrError):
     def __init__(self, message: str, result: "BuildResult") -> None:
         super().__init__(message)
         self.result = result
-
-
-def default_root() -> Path:
-    """`$CXR_SHARDS`, or `./shards`."""
-    return Path(os.environ.get("CXR_SHARDS") or "shards")
 
 
 @dataclass(frozen=True)
@@ -129,7 +125,7 @@ class BuildConfig:
         return replace(
             self, source=source, raw=raw,
             manifest=None if self.manifest is None else Path(self.manifest).resolve(),
-            out=Path(self.out if self.out is not None else default_root()).resolve(),
+            out=Path(self.out if self.out is not None else shards_root()).resolve(),
             name=self.name or f"{source}-{self.size}",
             shard_size=int(self.shard_size or default_shard_size(self.size, self.codec)),
             workers=int(self.workers or os.cpu_count() or 1),

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from cxrshards import plan as planning
+from cxrshards.paths import shards_root
 from manifests.errors import CxrError
 
 FORMATS = ("auto", "wds", "hdf5")
@@ -32,13 +33,6 @@ _H5_BLOCK_BYTES = 64 << 20  # sample mode: read HDF5 images in sorted blocks of 
 
 # --------------------------------------------------------------------------------------------------
 # Finding a shard set
-
-
-def shards_root(root: str | os.PathLike | None = None) -> Path:
-    """ROOT of shard sets: `root`, else `$CXR_SHARDS`, else `./shards`."""
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("CXR_SHARDS") or "shards")
 
 
 def _looks_like_path(name: str) -> bool:
