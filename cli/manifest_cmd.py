@@ -9,8 +9,9 @@ from rich.table import Table
 
 from cli.app import app, console
 from cli.options import (
-    FetchListOpt, LabelOpt, LabelsOpt, PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt,
-    SplitOpt, UncertainOpt, ValidFractionOpt, ViewsOpt, manifest_options,
+    FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
+    PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
+    UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_options,
 )
 from manifests.build import Manifest, build_manifest
 from manifests.table import SPLITS, read_manifest, reject_counts, split_summary, write_manifest, write_rejects
@@ -40,12 +41,24 @@ def build(
     label: LabelOpt = "Cardiomegaly",
     ratios: RatiosOpt = "7:1:2",
     patient_pattern: PatientPatternOpt = None,
+    negative: NegativeOpt = "normal",
+    table: TableOpt = None,
+    path_col: PathColOpt = None,
+    patient_col: PatientColOpt = None,
+    label_cols: LabelColsOpt = "",
+    study_col: StudyColOpt = None,
+    view_col: ViewColOpt = None,
+    split_col: SplitColOpt = None,
+    path_format: PathFormatOpt = None,
     rejects: RejectsOpt = None,
 ) -> None:
     """Select images, labels and a patient-level split from a raw dataset's tables; write a Parquet manifest."""
     options = manifest_options(source, seed=seed, views=views, valid_fraction=valid_fraction, labels=labels,
                                uncertain=uncertain, split=split, fetch_list=fetch_list, label=label,
-                               ratios=ratios, patient_pattern=patient_pattern)
+                               ratios=ratios, patient_pattern=patient_pattern, negative=negative, table=table,
+                               path_col=path_col, patient_col=patient_col, label_cols=label_cols,
+                               study_col=study_col, view_col=view_col, split_col=split_col,
+                               path_format=path_format)
     manifest = build_manifest(raw, options)
     write_manifest(manifest, out)
     if rejects is not None:

@@ -33,8 +33,9 @@ from manifests.vocab import SOURCES
 
 SourceOpt = Annotated[str, typer.Option(
     "--source", metavar="|".join(SOURCES), show_default=False,
-    help="Dataset kind: nih (ChestX-ray14), mimic (MIMIC-CXR-JPG), cardiomegaly (folder set labelled "
-         "Cardiomegaly) or folder (RAW/normal, RAW/abnormal).")]
+    help="Dataset kind: nih (ChestX-ray14), mimic (MIMIC-CXR-JPG), chexpert (CheXpert-v1.0[-small]), table "
+         "(any CSV/Parquet of labels, see --table), cardiomegaly (folder set labelled Cardiomegaly) or folder "
+         "(class folders: RAW/normal, RAW/PNEUMONIA, ...).")]
 RawOpt = Annotated[Path, typer.Option(
     "--raw", metavar="DIR", show_default=False,
     help="Raw root: the folder holding the source's tables (NIH, MIMIC) or class folders (folder sets). "
@@ -43,7 +44,8 @@ SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Seed of every random patient-level split (same seed, same split).")]
 ViewsOpt = Annotated[str, typer.Option(
     "--views", metavar="PA,AP",
-    help="NIH: keep only these View Position values, comma-separated (default: all views).")]
+    help="NIH: keep only these View Position values; CheXpert: these AP/PA values (frontal images only); "
+         "comma-separated (default: all views).")]
 ValidFractionOpt = Annotated[float, typer.Option(
     "--valid-fraction",
     help="Fraction of patients for valid: of the train_val list (NIH official lists) or of the non-test "
@@ -53,8 +55,8 @@ LabelsOpt = Annotated[str, typer.Option(
     help="MIMIC: label table, mimic-cxr-2.0.0-negbio or -chexpert.")]
 UncertainOpt = Annotated[str, typer.Option(
     "--uncertain", metavar="|".join(UNCERTAIN_POLICIES),
-    help="MIMIC: uncertain (-1) labels become 0 (zeros), 1 (ones) or NaN, not used (ignore); blank is "
-         "always 0.")]
+    help="MIMIC, CheXpert, table: uncertain (-1) labels become 0 (zeros), 1 (ones) or NaN, not used "
+         "(ignore); blank is always 0.")]
 SplitOpt = Annotated[str, typer.Option(
     "--split", metavar="|".join(SPLIT_MODES),
     help="auto: the official split (NIH lists, MIMIC split file, pre-split folders) when present, else "
@@ -75,6 +77,31 @@ PatientPatternOpt = Annotated[Optional[str], typer.Option(
     help="folder: regex whose first group, searched in each file's path below its class folder, is the "
          "patient id, so a patient's files never straddle splits, e.g. 'person(\\d+)_'. Unmatched files "
          "are their own patient; without a pattern every file is.")]
+NegativeOpt = Annotated[str, typer.Option(
+    "--negative", metavar="NAME",
+    help="folder: the all-zero class folder (any case); every other class folder becomes one label named "
+         "after it.")]
+TableOpt = Annotated[Optional[Path], typer.Option(
+    "--table", metavar="FILE.csv|.parquet", show_default=False,
+    help="table: the label table (CSV, CSV.gz or Parquet), one or more rows per image.")]
+PathColOpt = Annotated[Optional[str], typer.Option(
+    "--path-col", metavar="COL", show_default=False,
+    help="table: column holding each image's path relative to --raw (or an id, with --path-format).")]
+PatientColOpt = Annotated[Optional[str], typer.Option(
+    "--patient-col", metavar="COL", show_default=False, help="table: column holding the patient id.")]
+LabelColsOpt = Annotated[str, typer.Option(
+    "--label-cols", metavar="A,B,C", help="table: the label columns, comma-separated, in this order.")]
+StudyColOpt = Annotated[Optional[str], typer.Option(
+    "--study-col", metavar="COL", show_default=False, help="table: column holding the study id.")]
+ViewColOpt = Annotated[Optional[str], typer.Option(
+    "--view-col", metavar="COL", show_default=False, help="table: column holding the view (AP, PA, ...).")]
+SplitColOpt = Annotated[Optional[str], typer.Option(
+    "--split-col", metavar="COL", show_default=False,
+    help="table: column holding train/valid/test (val, validate accepted; any case). Default: a seeded, "
+         "stratified patient split by --ratios.")]
+PathFormatOpt = Annotated[Optional[str], typer.Option(
+    "--path-format", metavar="'images/{}.dcm'", show_default=False,
+    help="table: turns the --path-col value into a path relative to --raw ({} is the value).")]
 RejectsOpt = Annotated[Optional[Path], typer.Option(
     "--rejects", metavar="FILE", show_default=False,
     help="Also write every image left out (key, path, reason) to this Parquet file.")]
@@ -93,6 +120,15 @@ def manifest_options(
     label: str = "Cardiomegaly",
     ratios: str = "7:1:2",
     patient_pattern: str | None = None,
+    negative: str = "normal",
+    table: Path | str | None = None,
+    path_col: str | None = None,
+    patient_col: str | None = None,
+    label_cols: str = "",
+    study_col: str | None = None,
+    view_col: str | None = None,
+    split_col: str | None = None,
+    path_format: str | None = None,
 ) -> ManifestOptions:
     """The frozen `ManifestOptions` from the CLI's raw option values (ManifestError on a bad value)."""
     return ManifestOptions(
@@ -107,11 +143,20 @@ def manifest_options(
         label=label,
         ratios=parse_ratios(ratios),
         patient_pattern=patient_pattern,
+        negative=negative,
+        table=str(table) if table is not None else None,
+        path_col=path_col,
+        patient_col=patient_col,
+        label_cols=parse_views(label_cols),
+        study_col=study_col,
+        view_col=view_col,
+        split_col=split_col,
+        path_format=path_format,
     )
 
 
 def parse_views(text: str) -> tuple[str, ...]:
-    """'PA,AP' -> ('PA', 'AP'); '' -> () (all views)."""
+    """'PA,AP' -> ('PA', 'AP'); '' -> () (all views). Also splits --label-cols."""
     return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
 
 

@@ -9,8 +9,9 @@ from rich.table import Table
 
 from cli.app import app, console
 from cli.options import (
-    FetchListOpt, LabelOpt, LabelsOpt, PatientPatternOpt, RatiosOpt, RawOpt, SeedOpt, SourceOpt, SplitOpt,
-    UncertainOpt, ValidFractionOpt, ViewsOpt, manifest_options,
+    FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
+    PatientPatternOpt, RatiosOpt, RawOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
+    UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_options,
 )
 from cxrshards.build import BuildConfig, BuildResult, RejectLimitError, build_shards
 from manifests.errors import CxrError
@@ -21,7 +22,9 @@ app.add_typer(shard_app, name="shard")
 
 _D = BuildConfig(source="nih", raw=Path("."))
 _MANIFEST_DEFAULTS = {"views": "", "valid_fraction": 0.1, "labels": "negbio", "uncertain": "zeros", "split": "auto",
-                      "fetch_list": None, "label": "Cardiomegaly", "ratios": "7:1:2", "patient_pattern": None}
+                      "fetch_list": None, "label": "Cardiomegaly", "ratios": "7:1:2", "patient_pattern": None,
+                      "negative": "normal", "table": None, "path_col": None, "patient_col": None, "label_cols": "",
+                      "study_col": None, "view_col": None, "split_col": None, "path_format": None}
 RootOpt = Annotated[Optional[str], typer.Option("--root", metavar="ROOT", show_default=False,
                                                 help="Where shard sets live [default: $CXR_SHARDS or ./shards].")]
 
@@ -44,6 +47,15 @@ def build(
     label: LabelOpt = "Cardiomegaly",
     ratios: RatiosOpt = "7:1:2",
     patient_pattern: PatientPatternOpt = None,
+    negative: NegativeOpt = "normal",
+    table: TableOpt = None,
+    path_col: PathColOpt = None,
+    patient_col: PatientColOpt = None,
+    label_cols: LabelColsOpt = "",
+    study_col: StudyColOpt = None,
+    view_col: ViewColOpt = None,
+    split_col: SplitColOpt = None,
+    path_format: PathFormatOpt = None,
     size: Annotated[int, typer.Option("--size", help="Output side in pixels (images are SIZE x SIZE).")] = _D.size,
     format: Annotated[str, typer.Option("--format", metavar="wds|hdf5|both",
                                         help="WebDataset tars, one HDF5 file per split, or both.")] = _D.format,
@@ -74,7 +86,9 @@ def build(
     """Decode, resize and encode every image of a manifest into ROOT/NAME (resumable, byte-reproducible)."""
     given = {"views": views, "valid_fraction": valid_fraction, "labels": labels, "uncertain": uncertain,
              "split": split, "fetch_list": fetch_list, "label": label, "ratios": ratios,
-             "patient_pattern": patient_pattern}
+             "patient_pattern": patient_pattern, "negative": negative, "table": table, "path_col": path_col,
+             "patient_col": patient_col, "label_cols": label_cols, "study_col": study_col, "view_col": view_col,
+             "split_col": split_col, "path_format": path_format}
     if manifest is not None:
         changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v != _MANIFEST_DEFAULTS[k]]
         if changed:

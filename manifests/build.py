@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
+
 from manifests import __version__
 from manifests.atomic import atomic_path
 from manifests.errors import ManifestError
@@ -27,16 +29,7 @@ def build_manifest(raw: str | os.PathLike, options: ManifestOptions) -> Manifest
     root = Path(raw)
     if not root.is_dir():
         raise ManifestError(f"{root}: raw root is not a folder")
-    if options.source == "nih":
-        table, rejects, extra = build_nih(root, options)
-        labels = list(NIH_LABELS)
-    elif options.source == "mimic":
-        table, rejects, extra = build_mimic(root, options)
-        labels = list(MIMIC_LABELS)
-    else:
-        table, rejects, extra = build_folder(root, options)
-        labels = folder_labels(options)
-
+    table, rejects, extra, labels = _select(root, options)
     table = conform(table, labels)
     if table.empty:
         counts = ", ".join(f"{reason}: {n}" for reason, n in reject_counts(rejects).items()) or "nothing found"
@@ -49,6 +42,21 @@ def build_manifest(raw: str | os.PathLike, options: ManifestOptions) -> Manifest
     if options.fetch_list:
         write_fetch_list(manifest, options.fetch_list)
     return manifest
+
+
+def _select(root: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict, list[str]]:
+    """(table, rejects, extra meta, ordered labels) from the source's own module; nothing conformed yet."""
+    if options.source == "nih":
+        return (*build_nih(root, options), list(NIH_LABELS))
+    if options.source == "mimic":
+        return (*build_mimic(root, options), list(MIMIC_LABELS))
+    if options.source == "chexpert":
+        from manifests.chexpert import build_chexpert
+        return build_chexpert(root, options)
+    if options.source == "table":
+        from manifests.labeltable import build_label_table
+        return build_label_table(root, options)
+    return (*build_folder(root, options), folder_labels(options))
 
 
 def write_fetch_list(manifest: Manifest, path: str | os.PathLike) -> Path:

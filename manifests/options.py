@@ -18,13 +18,14 @@ SPLIT_MODES = ("auto", "official", "random", "study-digit")
 class ManifestOptions:
     """Every option of `cxr manifest build`. Saved in the manifest's metadata, so a build can be repeated."""
 
-    source: str                          # "nih" | "mimic" | "cardiomegaly" | "folder"
+    source: str                          # one of manifests.vocab.SOURCES
     seed: int = 0                        # every random split is a pure function of the seed
-    # NIH
+    # NIH, CheXpert
     views: tuple[str, ...] = ()          # () = all views; e.g. ("PA", "AP")
-    valid_fraction: float = 0.1          # of train_val patients (NIH lists), of non-test subjects (study-digit)
-    # MIMIC
-    labels: str = "negbio"               # "negbio" | "chexpert"
+    valid_fraction: float = 0.1          # of train_val patients (NIH lists), of non-test subjects (study-digit),
+                                         # of train.csv patients (CheXpert without test.csv)
+    # MIMIC, CheXpert, table
+    labels: str = "negbio"               # MIMIC: "negbio" | "chexpert"
     uncertain: str = "zeros"             # "zeros": -1 -> 0 | "ones": -1 -> 1 | "ignore": -1 -> NaN; blank -> 0
     split: str = "auto"                  # "auto" (official if present, else random) | "official" | "random"
                                          # | "study-digit" (MIMIC: study_id ending in 8 or 9 is test)
@@ -33,6 +34,16 @@ class ManifestOptions:
     label: str = "Cardiomegaly"          # label column name for folder sets
     ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     patient_pattern: str | None = None   # regex with one group -> patient_id
+    negative: str = "normal"             # folder: the all-zero class folder (any case)
+    # table: any CSV/Parquet of labels (`--source table`)
+    table: str | None = None             # the label table's path (absolute, or relative to the cwd)
+    path_col: str | None = None          # column holding the image path (relative to RAW) or id
+    patient_col: str | None = None       # column holding the patient id
+    label_cols: tuple[str, ...] = ()     # label columns, in this order
+    study_col: str | None = None
+    view_col: str | None = None
+    split_col: str | None = None         # train/valid/val/validate/test per row; None: seeded --ratios
+    path_format: str | None = None       # e.g. "stage_2_train_images/{}.dcm"; None: the value is the path
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -59,16 +70,32 @@ class ManifestOptions:
     def _refuse_foreign_options(self) -> None:
         """An option that the source ignores is a user mistake: say so instead of ignoring it."""
         folder = self.source in ("folder", "cardiomegaly")
-        if self.views and self.source != "nih":
-            raise ManifestError(f"--views applies to --source nih only, not {self.source}")
-        if self.source != "mimic" and (self.labels, self.uncertain) != ("negbio", "zeros"):
-            raise ManifestError(f"--labels and --uncertain apply to --source mimic only, not {self.source}")
+        if self.views and self.source not in ("nih", "chexpert"):
+            raise ManifestError(f"--views applies to --source nih and chexpert only, not {self.source}")
+        if self.labels != "negbio" and self.source != "mimic":
+            raise ManifestError(f"--labels applies to --source mimic only, not {self.source}")
+        if self.uncertain != "zeros" and self.source not in ("mimic", "chexpert", "table"):
+            raise ManifestError(f"--uncertain applies to --source mimic, chexpert and table only, not {self.source}")
         if self.split == "study-digit" and self.source != "mimic":
             raise ManifestError(f"--split study-digit applies to --source mimic only, not {self.source}")
         if self.patient_pattern is not None and not folder:
             raise ManifestError(f"--patient-pattern applies to --source folder/cardiomegaly only, not {self.source}")
         if self.source == "cardiomegaly" and self.label != "Cardiomegaly":
             raise ManifestError("--source cardiomegaly always labels Cardiomegaly; use --source folder for --label")
+        if self.negative != "normal" and self.source != "folder":
+            raise ManifestError(f"--negative applies to --source folder only, not {self.source}")
+        table_options = {"--table": self.table, "--path-col": self.path_col, "--patient-col": self.patient_col,
+                         "--label-cols": self.label_cols, "--study-col": self.study_col, "--view-col": self.view_col,
+                         "--split-col": self.split_col, "--path-format": self.path_format}
+        if self.source == "table":
+            missing = [flag for flag in ("--table", "--path-col", "--patient-col", "--label-cols")
+                       if not table_options[flag]]
+            if missing:
+                raise ManifestError(f"--source table needs {', '.join(missing)}")
+        else:
+            given = [flag for flag, value in table_options.items() if value]
+            if given:
+                raise ManifestError(f"{', '.join(given)} apply to --source table only, not {self.source}")
 
     @property
     def split_ratios(self) -> tuple[float, float, float]:
@@ -88,7 +115,7 @@ class ManifestOptions:
         if unknown:
             raise ManifestError(f"unknown manifest option(s): {', '.join(unknown)}")
         values = dict(data)
-        for name in ("views", "ratios"):
+        for name in ("views", "ratios", "label_cols"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)

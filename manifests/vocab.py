@@ -15,4 +15,11 @@ MIMIC_LABELS: tuple[str, ...] = (
     "Pneumothorax", "Support Devices",
 )
 
-SOURCES: tuple[str, ...] = ("nih", "mimic", "cardiomegaly", "folder")
+# The 14 label columns of CheXpert's train.csv / valid.csv, in file order.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    "Support Devices",
+)
+
+SOURCES: tuple[str, ...] = ("nih", "mimic", "chexpert", "table", "cardiomegaly", "folder")

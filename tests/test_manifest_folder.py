@@ -113,7 +113,7 @@ def test_bad_folders_are_one_line_errors(tmp_path, files, message):
 
 
 def test_options_a_folder_set_ignores_are_refused():
-    with pytest.raises(ManifestError, match="--views applies to --source nih only"):
+    with pytest.raises(ManifestError, match="--views applies to --source nih and chexpert only"):
         ManifestOptions(source="folder", views=("PA",))
     with pytest.raises(ManifestError, match="--source cardiomegaly always labels Cardiomegaly"):
         ManifestOptions(source="cardiomegaly", label="Pneumonia")
