@@ -1,6 +1,7 @@
 """The root typer app. Each command group lives in its own module and registers itself here."""
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -9,8 +10,21 @@ from typer.core import TyperGroup
 
 from manifests.errors import CxrError
 
-console = Console()
-err_console = Console(stderr=True)
+WIDE = 200  # columns for tables when output goes to a file or pipe (rich would wrap at 80)
+
+
+def _console(stream, stderr: bool = False) -> Console:
+    """A terminal gets its own width; a file or pipe (nohup, SLURM logs) a wide one, so tables never wrap.
+
+    `COLUMNS` in the environment wins, as rich documents.
+    """
+    interactive = bool(getattr(stream, "isatty", lambda: False)())
+    width = None if interactive or os.environ.get("COLUMNS") else WIDE
+    return Console(stderr=stderr, width=width)
+
+
+console = _console(sys.stdout)
+err_console = _console(sys.stderr, stderr=True)
 
 class _Group(TyperGroup):
     """Turns every CxrError raised by a command into a one-line message and exit status 1."""
