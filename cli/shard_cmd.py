@@ -129,6 +129,23 @@ def verify(
     raise CxrError(f"{path}: {len(report.problems)} problem(s) in {report.files_checked} files checked")
 
 
+@shard_app.command("show")
+def show(
+    shard_set: Annotated[str, typer.Argument(metavar="NAME_OR_PATH", help="Shard set NAME (under --root) or folder.")],
+    out: Annotated[Path, typer.Option("--out", metavar="SHEET.png", help="The contact sheet to write (PNG).")],
+    split: Annotated[str, typer.Option("--split", help="Which split to draw from.")] = "train",
+    label: Annotated[Optional[str], typer.Option("--label", metavar="L", show_default=False,
+                                                 help="Only samples positive for this label.")] = None,
+    n: Annotated[int, typer.Option("--n", help="How many samples (the first in shard order).")] = 36,
+    root: RootOpt = None,
+) -> None:
+    """Draw a contact sheet of a shard set's samples, each titled with its key and positive labels."""
+    from cxrshards.sheet import contact_sheet
+
+    path = contact_sheet(shard_set, out, split=split, label=label, n=n, root=root)
+    console.print(f"[bold]wrote {path}[/]", highlight=False, soft_wrap=True)
+
+
 @shard_app.command("info")
 def info(
     shard_set: Annotated[str, typer.Argument(metavar="NAME_OR_PATH", help="Shard set NAME (under --root) or folder.")],

@@ -34,6 +34,7 @@ from cxrshards.card import (BUILD_NAME, CARD_NAME, MANIFEST_NAME, REJECTS_NAME, 
                             write_located_manifest)
 from cxrshards.paths import shards_root
 from cxrshards.pixels import CODECS, FITS
+from cxrshards.sheet import README_NAME, render_readme
 from cxrshards.tasks import PieceTask, run_piece, shard_fingerprint
 from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, write_h5
 from manifests import __version__
@@ -583,6 +584,7 @@ def _finish(out_dir: Path, config: BuildConfig, manifest: Manifest, manifest_opt
         rejects=len(rejects), pixel_rejects=len(pixel_frame), reject_reasons=reasons,
         manifest_sha256=sha256_file(out_dir / MANIFEST_NAME), files=files)
     _remove_strays(out_dir, {f["file"] for f in files})
+    write_bytes_atomic(out_dir / README_NAME, render_readme(card, str(config.raw)).encode("utf-8"))
     write_json(out_dir / CARD_NAME, card)
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
