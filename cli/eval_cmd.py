@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.app import app, console
+from manifests.errors import CxrError
 
 
 def _f(x, digits: int = 3) -> str:
@@ -98,11 +99,19 @@ def predict_command(
     ckpt: str = typer.Option("best", "--ckpt", help="best | last | PATH of a checkpoint file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object) instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    cam: Optional[Path] = typer.Option(None, "--cam", metavar="OUTDIR", show_default=False,
+                                       help="Also write per image OUTDIR/NNN-NAME.png: the image with a Grad-CAM "
+                                            "heatmap per label."),
+    labels: str = typer.Option("", "--labels", metavar="A,B", help="--cam: these labels (default: --top)."),
+    top: int = typer.Option(3, "--top", help="--cam: the N most probable labels, when --labels is not given."),
 ) -> None:
     """Per-label probabilities for raw images, preprocessed exactly as the run's shard set was built."""
     from trainer.predict import predict_images
 
-    result = predict_images(images, run, ckpt, device=device)
+    wanted = [name.strip() for name in labels.split(",") if name.strip()]
+    if wanted and cam is None:
+        raise CxrError("--labels chooses the heatmaps of --cam OUTDIR: pass --cam too")
+    result = predict_images(images, run, ckpt, device=device, cam_dir=cam, cam_labels=wanted, cam_top=top)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -115,3 +124,5 @@ def predict_command(
     for name in result["labels"]:
         table.add_row(name, *(f"{p['probabilities'][name]:.3f}" for p in result["predictions"]))
     console.print(table)
+    if cam is not None:
+        console.print(f"wrote {len(result['predictions'])} heatmap figure(s) to {cam}/", highlight=False)

@@ -387,9 +387,14 @@ def _mediastinum_and_heart(cv: _Canvas, an: _Anatomy) -> None:
                   cv2.LINE_AA, _SHIFT)
     cv.ellipse(m, cx + 0.04 * u * s, cy - 0.17 * u * s, 0.035 * u * s, 0.03 * u * s)  # aortic knob
     cv.set(cv.soft(m, 0.008), an.body + 22)
-    heart = cv.ellipse(cv.mask(), cx + 0.03 * u * s + 0.35 * (an.heart_w - 0.125 * s) * u, cy + 0.09 * u * s,
-                       an.heart_w * u, an.heart_h * u, angle=-12)
-    cv.set(cv.soft(heart, 0.01), an.heart_val)
+    cv.set(cv.soft(_heart(cv, an), 0.01), an.heart_val)
+
+
+def _heart(cv: _Canvas, an: _Anatomy) -> np.ndarray:
+    """uint8 0/255 mask of the heart of a frontal film (before rotation)."""
+    u, s = cv.u, an.scale
+    return cv.ellipse(cv.mask(), an.cx + 0.03 * u * s + 0.35 * (an.heart_w - 0.125 * s) * u, an.cy + 0.09 * u * s,
+                      an.heart_w * u, an.heart_h * u, angle=-12)
 
 
 def _bones(cv: _Canvas, an: _Anatomy, lungs: list[_Lung]) -> None:
@@ -437,15 +442,8 @@ def _lateral(cv: _Canvas, an: _Anatomy) -> list[_Lung]:
     return [lung]
 
 
-def render_chest(height: int, width: int, findings: dict[str, float] | None = None, view: str = "PA",
-                 seed: int | tuple[int, ...] = 0) -> np.ndarray:
-    """One phantom film, uint8 height x width.
-
-    `findings` maps drawable label names (DRAWABLE) to a strength in 0..1 (1 positive, 0.5 uncertain).
-    `view` LATERAL or LL draws a lateral film, anything else a frontal one. The anatomy, each finding and
-    the noise have their own random streams derived from `seed`, so the same seed with and without a
-    finding gives the same patient.
-    """
+def _start(height: int, width: int, findings: dict[str, float] | None, seed):
+    """(findings, seed keys, canvas, anatomy after the findings that change it, finding streams)."""
     findings = {k: float(v) for k, v in (findings or {}).items() if v}
     unknown = sorted(set(findings) - set(DRAWABLE))
     if unknown:
@@ -462,6 +460,32 @@ def render_chest(height: int, width: int, findings: dict[str, float] | None = No
     for name, fn in _PRE.items():
         if name in findings:
             fn(an, stream(name), findings[name])
+    return findings, keys, cv, an, stream
+
+
+def heart_mask(height: int, width: int, findings: dict[str, float] | None = None,
+               seed: int | tuple[int, ...] = 0) -> np.ndarray:
+    """bool height x width: where `render_chest(height, width, findings, "PA", seed)` drew the heart."""
+    _findings, _keys, cv, an, _stream = _start(height, width, findings, seed)
+    mask = _heart(cv, an)
+    turn = cv2.getRotationMatrix2D((cv.w / 2, cv.h / 2), an.rotation, 1.0)
+    mask = cv2.warpAffine(mask, turn, (cv.w, cv.h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    if (cv.h, cv.w) != (height, width):
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
+    return mask >= 128
+
+
+def render_chest(height: int, width: int, findings: dict[str, float] | None = None, view: str = "PA",
+                 seed: int | tuple[int, ...] = 0) -> np.ndarray:
+    """One phantom film, uint8 height x width.
+
+    `findings` maps drawable label names (DRAWABLE) to a strength in 0..1 (1 positive, 0.5 uncertain).
+    `view` LATERAL or LL draws a lateral film, anything else a frontal one. The anatomy, each finding and
+    the noise have their own random streams derived from `seed`, so the same seed with and without a
+    finding gives the same patient.
+    """
+    findings, keys, cv, an, stream = _start(height, width, findings, seed)
+    ch, cw = cv.h, cv.w
     if view.upper() in ("LATERAL", "LL"):
         lungs = _lateral(cv, an)
     else:

@@ -112,6 +112,16 @@ def predict_tensor(path: str | Path, run: LoadedRun) -> torch.Tensor:
     return model_input(card_pixels(path, run.card), inf.mean, inf.std)
 
 
+def _write_cam(path: Path, pixels: np.ndarray, x: torch.Tensor, probs: np.ndarray, inf: InferenceModel,
+               wanted: Sequence[str], top: int) -> Path:
+    from trainer.cam import cam_figure, choose_labels, label_heatmaps
+
+    chosen = choose_labels(list(inf.labels), probs, wanted, top)
+    heat = label_heatmaps(inf.model, x, inf.head, chosen)
+    panels = [(inf.labels[j], float(probs[j]), heat[k]) for k, j in enumerate(chosen)]
+    return cam_figure(pixels, panels, path, title=path.stem)
+
+
 @torch.no_grad()
 def predict_images(
     images: Sequence[str | Path],
@@ -120,11 +130,16 @@ def predict_images(
     *,
     device: str | torch.device | None = "auto",
     batch_size: int = 32,
+    cam_dir: str | Path | None = None,
+    cam_labels: Sequence[str] = (),
+    cam_top: int = 3,
 ) -> dict:
     """Per-label probabilities of raw image files under a run's model.
 
     Returns {"run", "checkpoint", "labels", "task", "preprocessing", "predictions": [{"image",
-    "probabilities": {label: p}}]} in the order given.
+    "probabilities": {label: p}}]} in the order given. With `cam_dir`, also writes per image
+    `CAM_DIR/NNN-STEM.png`: the image and a Grad-CAM heatmap per label (`cam_labels`, else the `cam_top`
+    most probable), computed on the same input tensor (`trainer.cam`); each prediction then has "cam".
     """
     if not images:
         raise CxrError("no images given: pass one or more PNG/JPG files, e.g. `cxr predict scan.png --run runs/RUN`")
@@ -137,9 +152,12 @@ def predict_images(
         x = model_input(torch.from_numpy(pixels), inf.mean, inf.std).to(loaded.device)
         probs = probabilities(inf.model(x).float(), inf.head).cpu().numpy()
         probs = probs.reshape(len(chunk), -1)
-        for path, row in zip(chunk, probs):
+        for i, (path, row) in enumerate(zip(chunk, probs)):
             preds.append({"image": str(path),
                           "probabilities": {name: float(v) for name, v in zip(inf.labels, row)}})
+            if cam_dir is not None:
+                preds[-1]["cam"] = str(_write_cam(Path(cam_dir) / f"{start + i:03d}-{Path(path).stem}.png",
+                                                  pixels[i, 0], x[i:i + 1], row, inf, cam_labels, cam_top))
     card = loaded.card
     return {
         "run": str(loaded.run_dir),

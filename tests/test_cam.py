@@ -1,0 +1,74 @@
+"""Grad-CAM heatmaps: equal to a hand computation on the exact model input, and `cxr predict --cam`."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from tests.test_predict import NAMES, real_run  # noqa: F401 - the module fixture (a tiny real-NIH run)
+from trainer.cam import choose_labels, gradcam, label_heatmaps, output_index
+from trainer.models import build_model
+from trainer.predict import load_run, predict_tensor
+
+
+def hand_gradcam(model, x, out_index):
+    """Grad-CAM by hand: ReLU(sum_k mean(dY/dA_k) A_k) at layer4[-1], bilinear to the input, min-max to 0..1."""
+    store = {}
+    layer = model.layer4[-1]
+    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    model.eval()
+    x = x.clone().requires_grad_(True)
+    y = model(x)[0, out_index]
+    h1.remove()
+    grad = torch.autograd.grad(y, store["a"])[0]
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(1))[0].detach().numpy()
+    cam = cv2.resize(cam, x.shape[-2:][::-1])   # what the package does: cv2 bilinear to the input size
+    cam = cam - cam.min()
+    return cam / (cam.max() + 1e-7)
+
+
+def test_gradcam_equals_a_hand_computation():
+    model = build_model("resnet18", 3, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 1, 64, 64, generator=gen)
+    x[..., :, :32] += 2.0                     # left-right asymmetric
+    for j in range(3):
+        np.testing.assert_allclose(gradcam(model, x, [j])[0], hand_gradcam(model, x, j), atol=1e-4)
+    both = label_heatmaps(model, x, "sigmoid", [2, 0])
+    np.testing.assert_allclose(both[0], hand_gradcam(model, x, 2), atol=1e-4)
+    np.testing.assert_allclose(both[1], hand_gradcam(model, x, 0), atol=1e-4)
+
+
+def test_targets_and_label_choice():
+    assert [output_index("sigmoid", 4), output_index("softmax", 0), output_index("single", 0)] == [4, 1, 0]
+    assert choose_labels(["a", "b", "c", "d"], np.array([0.1, 0.9, 0.5, 0.7]), top=2) == [1, 3]
+    assert choose_labels(["a", "b"], np.array([0.1, 0.9]), ["a"]) == [0]
+
+
+def test_predict_cam_writes_a_figure_per_image_from_the_predicted_input(real_run, tmp_path):  # noqa: F811
+    from cli.app import _register, app
+
+    _register()
+    _tmp, raw, _shard_dir, run = real_run
+    paths = [str(raw / "images_001" / "images" / n) for n in NAMES[:2]]
+    result = CliRunner().invoke(app, ["predict", *paths, "--run", str(run), "--device", "cpu", "--json",
+                                      "--cam", str(tmp_path / "cam"), "--labels", "Effusion,Mass"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(result.output[result.output.index("{"):])
+    figures = [p["cam"] for p in data["predictions"]]
+    assert [f.split("/")[-1] for f in figures] == ["000-00000001_000.png", "001-00000002_000.png"]
+    img = cv2.imread(figures[0])
+    assert img is not None and img.shape[1] > 2.5 * img.shape[0]     # image + 2 heatmap panels side by side
+    loaded = load_run(run, device="cpu")
+    x = predict_tensor(paths[0], loaded)
+    labels = list(loaded.inference.labels)
+    expected = hand_gradcam(loaded.inference.model, x, labels.index("Effusion"))
+    got = label_heatmaps(loaded.inference.model, x, loaded.inference.head, [labels.index("Effusion")])[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    bad = CliRunner().invoke(app, ["predict", paths[0], "--run", str(run), "--cam", str(tmp_path / "c"),
+                                   "--labels", "Nope"])
+    assert bad.exit_code == 1 and "Nope" in bad.output and "Traceback" not in bad.output

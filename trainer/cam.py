@@ -1,0 +1,104 @@
+"""Grad-CAM heatmaps of a trained run, on the exact tensor the model saw.
+
+The rules:
+- Computed with the `grad-cam` package (pytorch_grad_cam.GradCAM), which works on our one-channel models
+  as they are: the target layer is the last block of the backbone (ResNet `layer4[-1]`, DenseNet
+  `features.norm5`); the target is the label's own logit (sigmoid heads), the positive class's logit
+  (2-logit softmax heads) or the single logit (1-logit binary heads).
+- The input is the normalised tensor `trainer.predict.model_input` makes, the one `cxr predict` and
+  `trainer.loop.predict` feed the model, so a heatmap explains the probability printed beside it.
+- A heatmap is [S,S] in 0..1 (GradCAM's own per-image min-max scaling), resized to the input size.
+- Figures (`cam_figure`): the stored 8-bit image, then one panel per label with the heatmap over it and
+  the label's probability; written atomically as PNG.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from manifests.atomic import atomic_path
+from manifests.errors import CxrError
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The last block of the backbone: where Grad-CAM reads activations and gradients."""
+    if hasattr(model, "layer4"):
+        return model.layer4[-1]
+    features = getattr(model, "features", None)
+    if features is not None and hasattr(features, "norm5"):
+        return features.norm5
+    raise CxrError(f"Grad-CAM: no known target layer in {type(model).__name__} (expected ResNet or DenseNet)")
+
+
+def output_index(head: str, label_index: int) -> int:
+    """Which logit explains label `label_index` under this head."""
+    if head == "softmax":
+        return 1
+    if head == "sigmoid":
+        return label_index
+    return 0
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, outputs: Sequence[int]) -> np.ndarray:
+    """Heatmaps [B, H, W] in 0..1: image b explained for logit outputs[b]."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model.eval()
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+        heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in outputs])
+    return np.asarray(heat, dtype=np.float32)
+
+
+def label_heatmaps(model: nn.Module, x: torch.Tensor, head: str, label_indices: Sequence[int]) -> np.ndarray:
+    """[L, H, W] heatmaps of one input x [1,1,H,W], one per label index."""
+    if not label_indices:
+        return np.zeros((0, *x.shape[-2:]), np.float32)
+    batch = x.expand(len(label_indices), *x.shape[1:])
+    return gradcam(model, batch, [output_index(head, j) for j in label_indices])
+
+
+def cam_figure(image: np.ndarray, panels: Sequence[tuple[str, float, np.ndarray]], path: str | Path,
+               title: str = "") -> Path:
+    """PNG: the image, then per (label, probability, heatmap) the heatmap over the image."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    n = 1 + len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title(title or "input", fontsize=7)
+    for ax, (label, prob, heat) in zip(axes[1:], panels):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(f"{label}: p={prob:.3f}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return final
+
+
+def choose_labels(labels: Sequence[str], probs: np.ndarray, wanted: Sequence[str] = (), top: int = 3) -> list[int]:
+    """Indices of `wanted` labels (error naming an unknown one), else of the `top` most probable."""
+    if wanted:
+        unknown = [w for w in wanted if w not in labels]
+        if unknown:
+            raise CxrError(f"--labels: {', '.join(unknown)} not among the run's labels ({', '.join(labels)})")
+        return [list(labels).index(w) for w in wanted]
+    if top < 1:
+        raise CxrError(f"--top must be at least 1, not {top}")
+    order = np.argsort(-np.asarray(probs, dtype=np.float64), kind="stable")
+    return [int(j) for j in order[:top]]
