@@ -1,6 +1,7 @@
 """One training epoch and one prediction pass, with explicit arguments (torchvision references style)."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,9 +11,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from manifests.errors import CxrError
 from trainer import distributed
 from trainer.augment import AugmentSpec, augment_batch, batch_generator
 from trainer.losses import LossFn, probabilities
+
+FLUSH_EVERY = 32   # steps between reading losses back from the device (one sync each)
+
+
+class DivergenceError(CxrError):
+    """The loss (or a validation output) stopped being finite: the run stops, its checkpoints stay."""
+
+
+def divergence_message(what: str, epoch: int, step: int, lr: float, value: float) -> str:
+    return (f"{what} is {value} at epoch {epoch + 1}, step {step + 1}, learning rate {lr:.3g}: the run diverged "
+            "and stopped; last.pt and best.pt hold the last good epoch. Lower --lr, or try --precision fp32")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,12 +76,19 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
     set_train_mode: Callable[[nn.Module], None] | None = None,
+    on_batch: Callable | None = None,
+    on_inputs: Callable[[torch.Tensor, int], None] | None = None,
 ) -> EpochStats:
     """Train `model` for one pass over `loader` (batches of (uint8 images, float labels, keys)).
 
     The learning rate of step s is `lr_at(s, progress)` (progress = epoch + batch / batches); the
     augmentation of step s draws from `batch_generator(seed, epoch, s, rank)`. A final batch of a
     single sample is skipped when training alone (BatchNorm cannot train on it at small image sizes).
+
+    Losses are read back from the device every FLUSH_EVERY steps and at the end (never a sync per step);
+    a non-finite one raises DivergenceError naming its epoch, step and learning rate. `on_batch` gets a
+    `trainer.watch.BatchReport` after every batch (with the losses read back since the last one);
+    `on_inputs(x, step)` gets the first augmented batch exactly as the model sees it.
     """
     (set_train_mode or (lambda m: m.train()))(model)
     n_batches = max(len(loader), 1)  # type: ignore[arg-type]
@@ -80,6 +100,19 @@ def train_one_epoch(
     start = time.perf_counter()
     it = iter(loader)
     i = 0
+    pending: list[tuple[int, torch.Tensor, float]] = []
+
+    def flush() -> list[tuple[int, float, float]]:
+        if not pending:
+            return []
+        values = torch.stack([loss for _, loss, _ in pending]).float().tolist()
+        done = [(s, v, lr_s) for (s, _, lr_s), v in zip(pending, values)]
+        pending.clear()
+        for s, v, lr_s in done:
+            if not math.isfinite(v):
+                raise DivergenceError(divergence_message("the training loss", epoch, s, lr_s, v))
+        return done
+
     while True:
         t0 = time.perf_counter()
         try:
@@ -94,6 +127,8 @@ def train_one_epoch(
         x = augment_batch(x, augment, batch_generator(seed, epoch, step, rank))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if on_inputs is not None and i == 0:
+            on_inputs(x, step)
         lr = lr_at(step, epoch + i / n_batches)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -110,14 +145,28 @@ def train_one_epoch(
             optimizer.step()
         loss_sum += loss.detach().double() * x.shape[0]
         samples += x.shape[0]
+        pending.append((step, loss.detach(), lr))
         step += 1
         i += 1
+        flushed = flush() if len(pending) >= FLUSH_EVERY else []
+        if on_batch is not None:
+            on_batch(_report(i, n_batches, samples, time.perf_counter() - start, wait, flushed))
+    flushed = flush()
+    if on_batch is not None and flushed:
+        on_batch(_report(i, n_batches, samples, time.perf_counter() - start, wait, flushed))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     total_loss, total_samples = distributed.all_reduce_sum([float(loss_sum.item()), float(samples)], device)
     return EpochStats(loss=total_loss / max(total_samples, 1), samples=int(total_samples), steps=step - start_step,
                       seconds=seconds, wait_seconds=wait, lr=lr)
+
+
+def _report(batch: int, batches: int, samples: int, seconds: float, wait: float, losses):
+    from trainer.watch import BatchReport
+
+    return BatchReport(batch=batch, batches=batches, samples=samples, seconds=seconds, wait_seconds=wait,
+                       losses=losses)
 
 
 @torch.no_grad()
