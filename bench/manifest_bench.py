@@ -1,4 +1,4 @@
-"""Manifest build timings: the real NIH table with its official lists, and MIMIC tables at real size.
+"""Manifest build timings: the real NIH table with its official lists, MIMIC and CheXpert tables at real size.
 
 `run(workdir) -> str` returns a markdown section for BENCHMARKS.md. Standalone:
 `python bench/manifest_bench.py [--workdir DIR]`.
@@ -20,11 +20,12 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests.build import ManifestOptions, build_manifest  # noqa: E402
-from manifests.vocab import MIMIC_LABELS  # noqa: E402
+from manifests.vocab import CHEXPERT_LABELS, MIMIC_LABELS  # noqa: E402
 
 NIH_FILES = ("Data_Entry_2017_v2020.csv.gz", "train_val_list.txt", "test_list.txt")
 NIH_TARGET_S = 3.0
 MIMIC_TARGET_S = 10.0
+CHEXPERT_TARGET_S = 5.0
 REPEATS = 3
 
 # Real MIMIC-CXR-JPG 2.0 sizes and the rough ViewPosition mix.
@@ -33,6 +34,13 @@ MIMIC_STUDIES = 227_835
 MIMIC_SUBJECTS = 65_379
 VIEW_MIX = {"AP": 0.45, "PA": 0.30, "LATERAL": 0.20, "LL": 0.03, "": 0.012, "AP AXIAL": 0.004,
             "AP LLD": 0.002, "PA LLD": 0.002}
+
+# Real CheXpert v1.0 sizes (train.csv, valid.csv) and the rough view mix of train.csv.
+CHEXPERT_TRAIN_ROWS = 223_414
+CHEXPERT_TRAIN_PATIENTS = 64_540
+CHEXPERT_VALID_ROWS = 234
+CHEXPERT_VALID_PATIENTS = 200
+CHEXPERT_VIEWS = {"AP": 0.72, "PA": 0.13, "LL": 0.0001, "RL": 0.0001, "LATERAL": 0.1498}
 
 
 def run(workdir: Path) -> str:
@@ -45,12 +53,16 @@ def run(workdir: Path) -> str:
         shutil.copyfile(shared / name, nih / name)
     mimic = workdir / "mimic"
     make_phantom_mimic(mimic, seed=0)
+    chexpert = workdir / "chexpert"
+    make_phantom_chexpert(chexpert, seed=0)
 
     rows = []
     for title, raw, options, target in (
         ("NIH, real table + official lists", nih, ManifestOptions(source="nih"), NIH_TARGET_S),
         ("MIMIC, phantom tables at real size (metadata + negbio + split)", mimic, ManifestOptions(source="mimic"),
          MIMIC_TARGET_S),
+        ("CheXpert, phantom train.csv + valid.csv at real size", chexpert, ManifestOptions(source="chexpert"),
+         CHEXPERT_TARGET_S),
     ):
         seconds, manifest = _median_time(raw, options)
         rows.append((title, manifest, seconds, target))
@@ -71,6 +83,9 @@ def run(workdir: Path) -> str:
     mix = ", ".join(f"{view or 'blank'} {share:.1%}" for view, share in VIEW_MIX.items())
     lines.append(f"MIMIC phantom: {MIMIC_IMAGES:,} images, {MIMIC_STUDIES:,} studies, {MIMIC_SUBJECTS:,} subjects; "
                  f"ViewPosition mix {mix}.")
+    lines.append(f"CheXpert phantom: train.csv {CHEXPERT_TRAIN_ROWS:,} rows of {CHEXPERT_TRAIN_PATIENTS:,} patients, "
+                 f"valid.csv {CHEXPERT_VALID_ROWS} rows of {CHEXPERT_VALID_PATIENTS} patients, in "
+                 "CheXpert-v1.0-small/ below --raw; no images.")
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +141,40 @@ def make_phantom_mimic(root: Path, seed: int = 0, images: int = MIMIC_IMAGES, st
     negbio[labelled].to_csv(root / "mimic-cxr-2.0.0-negbio.csv.gz", index=False, compression=gz)
     split.to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False, compression=gz)
     return root
+
+
+def make_phantom_chexpert(root: Path, seed: int = 0, rows: int = CHEXPERT_TRAIN_ROWS,
+                          patients: int = CHEXPERT_TRAIN_PATIENTS) -> Path:
+    """Write root/CheXpert-v1.0-small/{train,valid}.csv in the release's columns and sizes (no images)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "CheXpert-v1.0-small"
+    folder.mkdir(parents=True, exist_ok=True)
+    train = _chexpert_rows(rng, "train", 1, rows, patients, ["1.0", "0.0", "-1.0", ""], [0.1, 0.1, 0.05, 0.75])
+    valid = _chexpert_rows(rng, "valid", patients + 1, CHEXPERT_VALID_ROWS, CHEXPERT_VALID_PATIENTS,
+                           ["1.0", "0.0"], [0.2, 0.8])
+    train.to_csv(folder / "train.csv", index=False)
+    valid.to_csv(folder / "valid.csv", index=False)
+    return root
+
+
+def _chexpert_rows(rng: np.random.Generator, folder: str, first: int, rows: int, patients: int, values: list[str],
+                   probs: list[float]) -> pd.DataFrame:
+    """`rows` rows of `patients` patients (patientNNNNN from `first`), two views per study, sorted by Path."""
+    patient = np.sort(np.concatenate([np.arange(patients), rng.integers(0, patients, rows - patients)]))
+    rank = pd.Series(patient).groupby(patient).cumcount().to_numpy()
+    names = np.array(list(CHEXPERT_VIEWS), dtype=object)
+    share = np.array(list(CHEXPERT_VIEWS.values()))
+    view = names[rng.choice(len(names), rows, p=share / share.sum())]
+    lateral = view == "LATERAL"
+    side = np.where(lateral, "lateral", "frontal")
+    path = (f"CheXpert-v1.0-small/{folder}/patient" + pd.Series(patient + first).astype(str).str.zfill(5)
+            + "/study" + pd.Series(rank // 2 + 1).astype(str) + "/view" + pd.Series(rank % 2 + 1).astype(str)
+            + "_" + side + ".jpg")
+    frame = pd.DataFrame({"Path": path, "Sex": rng.choice(np.array(["Male", "Female"], dtype=object), rows),
+                          "Age": rng.integers(18, 91, rows), "Frontal/Lateral": np.where(lateral, "Lateral", "Frontal"),
+                          "AP/PA": np.where(lateral, "", view)})
+    cells = rng.choice(np.array(values, dtype=object), size=(rows, len(CHEXPERT_LABELS)), p=probs)
+    return pd.concat([frame, pd.DataFrame(cells, columns=list(CHEXPERT_LABELS))], axis=1)
 
 
 def _dicom_ids(rng: np.random.Generator, n: int) -> np.ndarray:

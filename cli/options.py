@@ -38,7 +38,8 @@ SourceOpt = Annotated[str, typer.Option(
          "(class folders: RAW/normal, RAW/PNEUMONIA, ...).")]
 RawOpt = Annotated[Path, typer.Option(
     "--raw", metavar="DIR", show_default=False,
-    help="Raw root: the folder holding the source's tables (NIH, MIMIC) or class folders (folder sets). "
+    help="Raw root: the folder holding the source's tables (NIH, MIMIC; CheXpert: the CheXpert-v1.0[-small] "
+         "folder or its parent) or class folders (folder sets). "
          "Paths in the manifest are relative to it.")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Seed of every random patient-level split (same seed, same split).")]
@@ -48,8 +49,8 @@ ViewsOpt = Annotated[str, typer.Option(
          "comma-separated (default: all views).")]
 ValidFractionOpt = Annotated[float, typer.Option(
     "--valid-fraction",
-    help="Fraction of patients for valid: of the train_val list (NIH official lists) or of the non-test "
-         "subjects (MIMIC --split study-digit).")]
+    help="Fraction of patients for valid: of the train_val list (NIH official lists), of the non-test "
+         "subjects (MIMIC --split study-digit) or of train.csv's patients (CheXpert without test.csv).")]
 LabelsOpt = Annotated[str, typer.Option(
     "--labels", metavar="|".join(LABEL_SETS),
     help="MIMIC: label table, mimic-cxr-2.0.0-negbio or -chexpert.")]

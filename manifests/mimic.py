@@ -26,6 +26,7 @@ import pandas as pd
 from manifests.csvtable import (isin_text, line_of, lookup_text, read_csv_table, require_filled, require_unique,
                                 sort_order_text)
 from manifests.errors import ManifestError
+from manifests.labelcells import label_matrix
 from manifests.options import ManifestOptions
 from manifests.splits import patient_splits
 from manifests.table import concat_rejects, make_rejects
@@ -109,29 +110,8 @@ def _read_labels(path: Path, uncertain: str) -> pd.DataFrame:
     require_filled(table, ["subject_id", "study_id"], path)
     table["study_id"] = table["study_id"].str.strip()
     require_unique(table, "study_id", path, "study_id")
-    values = np.column_stack([_label_values(table[label], label, path) for label in MIMIC_LABELS])
-    bad = ~np.isnan(values) & ~np.isin(values, (1.0, 0.0, -1.0))
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        raise ManifestError(f"{path}: line {line_of(row)}: {MIMIC_LABELS[column]!r} is {values[row, column]:g}, "
-                            "expected 1, 0, -1 or blank")
-    values[np.isnan(values)] = 0.0                                   # blank: not mentioned
-    values[values == -1.0] = {"zeros": 0.0, "ones": 1.0, "ignore": np.nan}[uncertain]
-    return pd.DataFrame(values.astype(np.float32), columns=list(MIMIC_LABELS),
+    return pd.DataFrame(label_matrix(table, MIMIC_LABELS, path, uncertain), columns=list(MIMIC_LABELS),
                         index=pd.Index(table["study_id"], dtype="str", name="study_id"))
-
-
-def _label_values(column: pd.Series, label: str, path: Path) -> np.ndarray:
-    """float64 values of one label column; a cell that is not a number is a ManifestError naming its line."""
-    if column.dtype.kind == "f":
-        return column.to_numpy(dtype=np.float64)
-    text = column.str.strip()
-    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-    bad = (text.notna() & (text != "")).to_numpy() & np.isnan(values)
-    if bad.any():
-        at = bad.argmax()
-        raise ManifestError(f"{path}: line {line_of(at)}: {label!r} is {text.iloc[at]!r}, expected 1, 0, -1 or blank")
-    return values
 
 
 def _splits(raw: Path, chosen: pd.DataFrame, options: ManifestOptions):
