@@ -26,6 +26,7 @@ import pandas as pd
 from manifests.csvtable import (isin_text, line_of, lookup_text, read_csv_table, require_filled, require_unique,
                                 sort_order_text)
 from manifests.errors import ManifestError
+from manifests.labels import apply_uncertain
 from manifests.options import ManifestOptions
 from manifests.splits import patient_splits
 from manifests.table import concat_rejects, make_rejects
@@ -115,9 +116,7 @@ def _read_labels(path: Path, uncertain: str) -> pd.DataFrame:
         row, column = np.argwhere(bad)[0]
         raise ManifestError(f"{path}: line {line_of(row)}: {MIMIC_LABELS[column]!r} is {values[row, column]:g}, "
                             "expected 1, 0, -1 or blank")
-    values[np.isnan(values)] = 0.0                                   # blank: not mentioned
-    values[values == -1.0] = {"zeros": 0.0, "ones": 1.0, "ignore": np.nan}[uncertain]
-    return pd.DataFrame(values.astype(np.float32), columns=list(MIMIC_LABELS),
+    return pd.DataFrame(apply_uncertain(values, uncertain), columns=list(MIMIC_LABELS),
                         index=pd.Index(table["study_id"], dtype="str", name="study_id"))
 
 
