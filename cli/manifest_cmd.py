@@ -68,9 +68,11 @@ def build(
     _print_counts(manifest)
     _print_rejects(manifest, rejects)
     found = manifest.meta.get("images_found")
-    if found is not None and 0 < found < len(manifest.table):
+    nih = manifest.meta["source"] == "nih"     # NIH without any image is a tables-only build: no note
+    if found is not None and (0 < found or not nih) and found < len(manifest.table):
+        where = "the others have the path images/<name>" if nih else "the shard build rejects the missing ones"
         console.print(f"[yellow]note:[/] only {found:,} of {len(manifest.table):,} images were found under {raw}; "
-                      "the others have the path images/<name>")
+                      + where)
     if fetch_list is not None:
         console.print(f"fetch list: {fetch_list} ({len(manifest.table):,} paths)")
 

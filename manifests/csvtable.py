@@ -1,4 +1,4 @@
-"""Reading the label tables: every value as text, every problem a ManifestError naming the file."""
+"""Reading the label tables (CSV: every value as text; Parquet: stored dtypes), every problem a ManifestError naming the file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from manifests.errors import ManifestError
 
@@ -20,15 +21,18 @@ def find_table(raw: Path, names: list[str]) -> Path | None:
     return None
 
 
-def read_csv_table(path: Path, required: list[str], optional: list[str] = (), numeric: list[str] = ()) -> pd.DataFrame:
+def read_csv_table(path: Path, required: list[str], optional: list[str] = (), numeric: list[str] = (),
+                   literal: bool = False) -> pd.DataFrame:
     """Read `required` (+ any present `optional`) columns of a .csv or .csv.gz as strings.
 
     `numeric` columns (a subset of `required`) are read as float64 when every cell parses; if one does
     not, the whole table comes back as strings so the caller can name the bad line.
 
     Ids stay text ('50414267' compares as text, leading zeros survive); blank cells become NaN.
+    `literal=True`: only blank cells are missing ('NA', 'null', 'nan' stay text, for the caller to judge).
     Row i of the frame is line i + 2 of the file (see `line_of`).
     """
+    na = {"keep_default_na": False, "na_values": [""]} if literal else {}
     try:
         header = pd.read_csv(path, nrows=0)
     except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
@@ -43,12 +47,33 @@ def read_csv_table(path: Path, required: list[str], optional: list[str] = (), nu
         if numeric:
             dtypes = {c: ("float64" if c in numeric else "str") for c in wanted}
             try:
-                return pd.read_csv(path, usecols=wanted, dtype=dtypes, engine="pyarrow")[wanted]
+                return pd.read_csv(path, usecols=wanted, dtype=dtypes, engine="pyarrow", **na)[wanted]
             except (ValueError, TypeError):
                 pass   # a cell is not a number: read as text below, the caller finds and names it
-        return pd.read_csv(path, usecols=wanted, dtype=str, engine="pyarrow")[wanted]
+        return pd.read_csv(path, usecols=wanted, dtype=str, engine="pyarrow", **na)[wanted]
     except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
         raise ManifestError(f"{path}: cannot read as CSV ({_first_line(exc)})") from None
+
+
+def read_parquet_table(path: Path, required: list[str], optional: list[str] = ()) -> pd.DataFrame:
+    """Read `required` (+ any present `optional`) columns of a Parquet file, each in its stored dtype.
+
+    Same missing-column message as `read_csv_table`. Row i of the frame is the file's row index i
+    (0-based; there is no header line to count).
+    """
+    try:
+        columns = list(pq.read_schema(path).names)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise ManifestError(f"{path}: cannot read as Parquet ({_first_line(exc)})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} "
+                            f"(has: {', '.join(columns)})")
+    wanted = list(required) + [c for c in optional if c in columns and c not in required]
+    try:
+        return pq.read_table(path, columns=wanted).to_pandas()[wanted].reset_index(drop=True)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise ManifestError(f"{path}: cannot read as Parquet ({_first_line(exc)})") from None
 
 
 def line_of(position: int) -> int:

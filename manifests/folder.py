@@ -23,7 +23,7 @@ import pandas as pd
 from manifests.errors import ManifestError
 from manifests.options import ManifestOptions
 from manifests.splits import patient_splits
-from manifests.table import concat_rejects, make_rejects
+from manifests.table import concat_rejects, make_rejects, path_keys
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CLASSES = {"normal": 0.0, "abnormal": 1.0}
@@ -107,8 +107,7 @@ def _list_files(raw: Path, folder: Path) -> list[tuple[str, str]]:
 
 def _keys(paths: pd.Series) -> pd.Series:
     """Relative path without extension; `/` and anything outside [A-Za-z0-9_-] become `_`."""
-    stem = paths.str.replace(r"\.[^./]*$", "", regex=True)
-    return stem.str.replace(r"[^A-Za-z0-9_-]", "_", regex=True)
+    return path_keys(paths)
 
 
 def _suffix(paths: pd.Series) -> pd.Series:

@@ -1,8 +1,8 @@
 """Label cells of the released tables (MIMIC-CXR-JPG, CheXpert): one rule, in one place.
 
 A cell is 1 (positive), 0 (negative), -1 (uncertain) or blank (not mentioned), as text ("1.0", "-1")
-or as a number. Blank becomes 0.0; -1 becomes 0.0 (`zeros`), 1.0 (`ones`) or NaN (`ignore`, not
-used). Any other cell is a ManifestError naming the file, the line, the column and the value.
+or as a number. Blank and -1 follow `manifests.labels.apply_uncertain` (blank 0.0; -1 by `--uncertain`).
+Any other cell is a ManifestError naming the file, the line, the column and the value.
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pandas as pd
 
 from manifests.csvtable import line_of
 from manifests.errors import ManifestError
-
-UNCERTAIN_VALUES = {"zeros": 0.0, "ones": 1.0, "ignore": np.nan}
+from manifests.labels import apply_uncertain
 
 
 def label_matrix(table: pd.DataFrame, labels: list[str] | tuple[str, ...], path: Path, uncertain: str) -> np.ndarray:
@@ -25,9 +24,7 @@ def label_matrix(table: pd.DataFrame, labels: list[str] | tuple[str, ...], path:
         row, column = np.argwhere(bad)[0]
         raise ManifestError(f"{path}: line {line_of(row)}: {labels[column]!r} is {values[row, column]:g}, "
                             "expected 1, 0, -1 or blank")
-    values[np.isnan(values)] = 0.0                                   # blank: not mentioned
-    values[values == -1.0] = UNCERTAIN_VALUES[uncertain]
-    return values.astype(np.float32)
+    return apply_uncertain(values, uncertain)                       # blank -> 0, -1 -> the policy
 
 
 def _label_values(column: pd.Series, label: str, path: Path) -> np.ndarray:

@@ -128,6 +128,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest(table=table, labels=labels, rejects=empty_rejects(), meta=meta)
 
 
+def path_keys(paths: pd.Series) -> pd.Series:
+    """Keys from relative paths: the path without extension; `/` and anything outside [A-Za-z0-9_-] become `_`."""
+    stem = paths.str.replace(r"\.[^./]*$", "", regex=True)
+    return stem.str.replace(r"[^A-Za-z0-9_-]", "_", regex=True)
+
+
 def empty_rejects() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype="str") for c in REJECT_COLUMNS})
 
