@@ -95,7 +95,8 @@ def test_negative_names_another_folder_in_any_case(tmp_path):
     table = manifest.table.set_index("key")
     assert table.loc["Healthy_Healthy-0", ["Normal", "TB"]].sum() == 0.0
     assert table.loc["Normal_Normal-0", "Normal"] == 1.0
-    with pytest.raises(ManifestError, match=r"--negative 'sick' matches no class folder \(found: Healthy, Normal, TB\)"):
+    found = r"\(found: Healthy, Normal, TB\)"
+    with pytest.raises(ManifestError, match=r"--negative 'sick' matches no class folder " + found):
         build_manifest(raw, ManifestOptions(source="folder", negative="sick"))
 
 
@@ -186,7 +187,7 @@ def test_dicom_with_empty_patient_id_is_its_own_patient(tmp_path):
     write_dicom(tmp_path / "NORMAL" / "b.DCM", patient=None)
     write_dicom(tmp_path / "PNEUMONIA" / "c.dcm", patient="  ")
     table = build_manifest(tmp_path, ManifestOptions(source="folder")).table.set_index("key")
-    assert table["patient_id"].to_dict() == {"NORMAL_a": "NORMAL_a", "NORMAL_b": "NORMAL_b", "PNEUMONIA_c": "PNEUMONIA_c"}
+    assert (table["patient_id"] == table.index).all()          # each its own patient (key)
     assert table["view"].isna()["NORMAL_a"] and table.loc["NORMAL_b", "view"] == "PA"
 
 
