@@ -38,7 +38,7 @@ def build(
     uncertain: UncertainOpt = "zeros",
     split: SplitOpt = "auto",
     fetch_list: FetchListOpt = None,
-    label: LabelOpt = "Cardiomegaly",
+    label: LabelOpt = None,
     ratios: RatiosOpt = "7:1:2",
     patient_pattern: PatientPatternOpt = None,
     negative: NegativeOpt = "normal",

@@ -11,7 +11,7 @@ these aliases and turn them into the frozen `ManifestOptions` with `manifest_opt
     def build(source: SourceOpt, raw: RawOpt, seed: SeedOpt = 0, views: ViewsOpt = "",
               valid_fraction: ValidFractionOpt = 0.1, labels: LabelsOpt = "negbio",
               uncertain: UncertainOpt = "zeros", split: SplitOpt = "auto", fetch_list: FetchListOpt = None,
-              label: LabelOpt = "Cardiomegaly", ratios: RatiosOpt = "7:1:2",
+              label: LabelOpt = None, ratios: RatiosOpt = "7:1:2",
               patient_pattern: PatientPatternOpt = None, ...):
         options = manifest_options(source, seed=seed, views=views, valid_fraction=valid_fraction,
                                    labels=labels, uncertain=uncertain, split=split, fetch_list=fetch_list,
@@ -67,8 +67,10 @@ FetchListOpt = Annotated[Optional[Path], typer.Option(
     "--fetch-list", metavar="FILE", show_default=False,
     help="Also write the selected images' paths relative to the raw root, one per line (e.g. to "
          "download only those MIMIC images).")]
-LabelOpt = Annotated[str, typer.Option(
-    "--label", help="folder: name of the single label column (1.0 for abnormal, 0.0 for normal).")]
+LabelOpt = Annotated[Optional[str], typer.Option(
+    "--label", metavar="NAME", show_default=False,
+    help="folder: name of the label of the one positive class folder [default: the folder's name; "
+         "abnormal/: Cardiomegaly]. An error with several positive class folders.")]
 RatiosOpt = Annotated[str, typer.Option(
     "--ratios", metavar="TRAIN:VALID:TEST",
     help="Proportions of patients in a random split (folder sets stratified by class; NIH without "
@@ -77,7 +79,8 @@ PatientPatternOpt = Annotated[Optional[str], typer.Option(
     "--patient-pattern", metavar="REGEX", show_default=False,
     help="folder: regex whose first group, searched in each file's path below its class folder, is the "
          "patient id, so a patient's files never straddle splits, e.g. 'person(\\d+)_'. Unmatched files "
-         "are their own patient; without a pattern every file is.")]
+         "are their own patient; without a pattern a DICOM's patient is its PatientID and every other file is "
+         "its own patient.")]
 NegativeOpt = Annotated[str, typer.Option(
     "--negative", metavar="NAME",
     help="folder: the all-zero class folder (any case); every other class folder becomes one label named "
@@ -118,7 +121,7 @@ def manifest_options(
     uncertain: str = "zeros",
     split: str = "auto",
     fetch_list: Path | str | None = None,
-    label: str = "Cardiomegaly",
+    label: str | None = None,
     ratios: str = "7:1:2",
     patient_pattern: str | None = None,
     negative: str = "normal",

@@ -22,7 +22,7 @@ app.add_typer(shard_app, name="shard")
 
 _D = BuildConfig(source="nih", raw=Path("."))
 _MANIFEST_DEFAULTS = {"views": "", "valid_fraction": 0.1, "labels": "negbio", "uncertain": "zeros", "split": "auto",
-                      "fetch_list": None, "label": "Cardiomegaly", "ratios": "7:1:2", "patient_pattern": None,
+                      "fetch_list": None, "label": None, "ratios": "7:1:2", "patient_pattern": None,
                       "negative": "normal", "table": None, "path_col": None, "patient_col": None, "label_cols": "",
                       "study_col": None, "view_col": None, "split_col": None, "path_format": None}
 RootOpt = Annotated[Optional[str], typer.Option("--root", metavar="ROOT", show_default=False,
@@ -44,7 +44,7 @@ def build(
     uncertain: UncertainOpt = "zeros",
     split: SplitOpt = "auto",
     fetch_list: FetchListOpt = None,
-    label: LabelOpt = "Cardiomegaly",
+    label: LabelOpt = None,
     ratios: RatiosOpt = "7:1:2",
     patient_pattern: PatientPatternOpt = None,
     negative: NegativeOpt = "normal",

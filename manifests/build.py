@@ -9,7 +9,7 @@ import pandas as pd
 from manifests import __version__
 from manifests.atomic import atomic_path
 from manifests.errors import ManifestError
-from manifests.folder import build_folder, folder_labels
+from manifests.folder import build_folder
 from manifests.mimic import build_mimic
 from manifests.nih import build_nih
 from manifests.options import ManifestOptions
@@ -56,7 +56,7 @@ def _select(root: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.Data
     if options.source == "table":
         from manifests.labeltable import build_label_table
         return build_label_table(root, options)
-    return (*build_folder(root, options), folder_labels(options))
+    return build_folder(root, options)
 
 
 def write_fetch_list(manifest: Manifest, path: str | os.PathLike) -> Path:

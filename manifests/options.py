@@ -31,7 +31,8 @@ class ManifestOptions:
                                          # | "study-digit" (MIMIC: study_id ending in 8 or 9 is test)
     fetch_list: str | None = None        # also write the relative paths of the selected images here
     # folder / cardiomegaly (ratios: every seeded random split, as fractions of patients)
-    label: str = "Cardiomegaly"          # label column name for folder sets
+    label: str | None = None             # folder: names the one positive class folder's label; None: the
+                                         # folder's name (`abnormal` alone: Cardiomegaly)
     ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     patient_pattern: str | None = None   # regex with one group -> patient_id
     negative: str = "normal"             # folder: the all-zero class folder (any case)
@@ -55,8 +56,10 @@ class ManifestOptions:
             raise ManifestError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if len(self.ratios) != 3 or any(not math.isfinite(r) or r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
             raise ManifestError(f"--ratios needs three non-negative numbers train:valid:test, got {self.ratios}")
-        if not self.label or not self.label.strip() or self.label in BASE_COLUMNS:
+        if self.label is not None and (not self.label.strip() or self.label in BASE_COLUMNS):
             raise ManifestError(f"--label {self.label!r} must be a name other than {', '.join(BASE_COLUMNS)}")
+        if not self.negative.strip():
+            raise ManifestError("--negative needs a class folder name, e.g. normal")
         if self.patient_pattern is not None:
             try:
                 groups = re.compile(self.patient_pattern).groups
@@ -80,7 +83,7 @@ class ManifestOptions:
             raise ManifestError(f"--split study-digit applies to --source mimic only, not {self.source}")
         if self.patient_pattern is not None and not folder:
             raise ManifestError(f"--patient-pattern applies to --source folder/cardiomegaly only, not {self.source}")
-        if self.source == "cardiomegaly" and self.label != "Cardiomegaly":
+        if self.source == "cardiomegaly" and self.label not in (None, "Cardiomegaly"):
             raise ManifestError("--source cardiomegaly always labels Cardiomegaly; use --source folder for --label")
         if self.negative != "normal" and self.source != "folder":
             raise ManifestError(f"--negative applies to --source folder only, not {self.source}")

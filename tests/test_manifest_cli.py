@@ -56,6 +56,8 @@ def test_build_prints_rejects_by_reason(tmp_path):
     (raw / "normal").mkdir(parents=True)
     for name in ("a.png", "b.png", "c.txt", "d.txt", "e.csv"):
         (raw / "normal" / name).write_bytes(b"")
+    (raw / "abnormal").mkdir()
+    (raw / "abnormal" / "f.png").write_bytes(b"")     # a folder set needs two classes
     result = cxr("manifest", "build", "--source", "folder", "--raw", raw, "--out", tmp_path / "m.parquet",
                  "--ratios", "1:0:0")
     assert result.exit_code == 0, result.output
@@ -121,3 +123,18 @@ def test_info_on_a_file_that_is_not_a_manifest(tmp_path):
 def read_labels() -> list[str]:
     from manifests.vocab import MIMIC_LABELS
     return list(MIMIC_LABELS)
+
+
+def test_class_folders_from_the_command_line(tmp_path):
+    raw = tmp_path / "raw"
+    for cls in ("NORMAL", "PNEUMONIA", "COVID"):
+        (raw / cls).mkdir(parents=True)
+        (raw / cls / f"{cls}-1.png").write_bytes(b"")
+    result = cxr("manifest", "build", "--source", "folder", "--raw", raw, "--out", tmp_path / "m.parquet")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "m.parquet").labels == ["COVID", "PNEUMONIA"]
+    result = cxr("manifest", "build", "--source", "folder", "--raw", raw, "--out", tmp_path / "x.parquet",
+                 "--label", "Pneumonia")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == (f"error: {raw}: --label names the one positive class folder, but there are 2 "
+                                     "(COVID, PNEUMONIA), each its own label")

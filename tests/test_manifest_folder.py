@@ -100,9 +100,9 @@ def test_pre_split_layout_with_a_patient_in_two_splits_fails_the_audit(tmp_path)
 
 
 @pytest.mark.parametrize("files, message", [
-    ([], "no normal/ or abnormal/ folder"),
-    (["normal/a.png", "normal/a.jpg"], "would share the key 'normal_a'"),
-    (["normal/a.txt"], "no png/jpg/jpeg image"),
+    ([], "no class folder"),
+    (["normal/a.png", "normal/a.jpg", "abnormal/b.png"], "would share the key 'normal_a'"),
+    (["normal/a.txt", "abnormal/b.txt"], "no png/jpg/jpeg or DICOM image"),
     (["train/normal/a.png", "normal/b.png"], "holds both split folders"),
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, files, message):
