@@ -141,7 +141,7 @@ def _padded(stored: np.ndarray, value: int) -> np.ndarray:
 
 
 def _cases() -> dict[str, tuple[np.ndarray, Dataset]]:
-    sqrt_lut = np.round(np.sqrt(np.linspace(0, 1, 3000)) * 4095).astype(int)
+    sqrt_lut = np.round(np.sqrt(np.linspace(0, 1, 3000)) * 3000).astype(int)   # 12-bit LUT, top 3000
     return {
         "8-bit unsigned, own min..max": (s := image((30, 41), 20, 200, np.uint8), dicom_dataset(s, 8)),
         "8-bit signed, window": (s := image((30, 41), -100, 120, np.int8), dicom_dataset(
@@ -169,6 +169,9 @@ def _cases() -> dict[str, tuple[np.ndarray, Dataset]]:
         "MONOCHROME1, own min..max": (U12, dicom_dataset(U12, 12, photometric="MONOCHROME1")),
         "padding left out of min..max": (p := _padded(image((40, 52), 1000, 3000, np.uint16), 0), dicom_dataset(
             p, 12, PixelPaddingValue=0, RescaleSlope=1, RescaleIntercept=-1024)),
+        "padding above the image comes out black": (p := _padded(image((40, 52), 100, 3000, np.uint16), 4095),
+                                                      dicom_dataset(p, 12, PixelPaddingValue=4095, RescaleSlope=1,
+                                                                    RescaleIntercept=-1024)),
         "padding, MONOCHROME1": (p := _padded(image((40, 52), 100, 3000, np.uint16), 4095), dicom_dataset(
             p, 12, photometric="MONOCHROME1", PixelPaddingValue=4095)),
         "padding range limit, signed, window": (p := _padded(S16, -2000) - (np.arange(52) % 3 == 0) * 200 * (S16 == -2000),
