@@ -275,6 +275,18 @@ def test_found_by_magic_or_suffix(tmp_path):
     assert err.value.reason == "corrupt"
 
 
+@pytest.mark.parametrize("tags, reason", [
+    ({"WindowCenter": 100, "WindowWidth": 0}, "DICOM: bad window (width 0 < 1)"),
+    ({"WindowCenter": 100, "WindowWidth": 0, "VOILUTFunction": "SIGMOID"}, "DICOM: bad window (width 0 <= 0)"),
+    ({"WindowCenter": 100, "WindowWidth": 50, "VOILUTFunction": "GAMMA"}, "DICOM: unsupported VOI LUT Function GAMMA"),
+])
+def test_bad_window_is_a_reject(tags, reason, tmp_path):
+    path = write(tmp_path / "w.dcm", dicom_dataset(U12, 12, **tags))
+    with pytest.raises(PixelError) as err:
+        load_gray(path)
+    assert err.value.reason == reason and str(path) in str(err.value)
+
+
 def test_resize_goes_through_fit_resize(tmp_path):
     big = image((300, 240), 0, 4095, np.uint16, seed=5)
     ds = dicom_dataset(big, 12, WindowCenter=2048, WindowWidth=4096)
@@ -389,3 +401,6 @@ def test_predict_on_a_dcm_equals_the_shard_tensor(dicom_build):
             assert torch.equal(predict_tensor(good[key], loaded), augment_batch(img[None], spec, None)), key
             seen += 1
     assert seen == len(GOOD)
+    from cli.app import app
+    bad = CliRunner().invoke(app, ["predict", str(_raw / "bad" / "multiframe.dcm"), "--run", str(run), "--device", "cpu"])
+    assert bad.exit_code == 1 and "DICOM: multi-frame (3 frames)" in bad.output and "Traceback" not in bad.output
