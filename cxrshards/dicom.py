@@ -151,9 +151,9 @@ def map_to_gray(stored: np.ndarray, ds, path=None) -> np.ndarray:
 
 
 def gray_values(values: np.ndarray, ds, padding: tuple[float, float] | None,
-                lohi: tuple[np.ndarray, ...] | None, path=None) -> np.ndarray:
-    """Rules 3-6 element-wise on stored `values`; `lohi` = the stored values present in the image outside
-    the padding (an array), used for rule 5c only."""
+                lohi: np.ndarray | None, path=None) -> np.ndarray:
+    """Rules 3-6 element-wise on stored `values` (the whole image, or every possible stored value);
+    `lohi` = the image's stored values that rule 5c takes min..max over (`_stored_lohi`)."""
     from pydicom.pixels import apply_modality_lut
 
     x = apply_modality_lut(values, ds)
