@@ -13,8 +13,12 @@ Rules (the contract in docs/DESIGN.md, section 2):
   window onto the reduced grid exactly. Result: >= 40 dB PSNR against full decode + area resize.
 - Resizing is area interpolation (cv2.INTER_AREA); `pad` keeps the aspect ratio and pads centred
   with 0, `squash` stretches, `crop` takes the centred square.
-- Broken files raise `PixelError` whose `reason` is one of REJECT_REASONS; the shard builder writes
-  that reason into rejects.parquet.
+- DICOM files (.dcm, .dicom, or `DICM` at byte 128) become gray by the rules of `cxrshards.dicom`
+  (Modality LUT, first VOI LUT or window, else own min..max, MONOCHROME1 inverted); the JPEG reduced
+  decode does not apply to them, `fit_resize` does.
+- Broken files raise `PixelError` whose `reason` is one of REJECT_REASONS, or for DICOM files one that
+  starts with "DICOM: " and says what the file holds (multi-frame, colour, ...); the shard builder
+  writes that reason into rejects.parquet.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ FITS = ("pad", "squash", "crop")
 CODECS = ("png", "jpeg", "raw")
 CODEC_EXTENSIONS = {"png": "png", "jpeg": "jpg", "raw": "npy"}
 REJECT_REASONS = ("missing", "zero bytes", "truncated", "corrupt", "unreadable")
+DICOM_REASON = "DICOM: "   # prefix of the reasons only DICOM files get (cxrshards.dicom)
 
 # A 1/r decode stands in for r x r block means; resampling those blocks again by a factor close to 1
 # smears the partial blocks at each output pixel's edges. Keeping the reduced side >= 1.25 x target
@@ -51,10 +56,11 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class PixelError(CxrError):
-    """An image file that cannot become pixels. `reason` is one of REJECT_REASONS."""
+    """An image file that cannot become pixels. `reason` is one of REJECT_REASONS or starts with
+    DICOM_REASON."""
 
     def __init__(self, reason: str, path: str | os.PathLike | None = None, detail: str = "") -> None:
-        if reason not in REJECT_REASONS:
+        if reason not in REJECT_REASONS and not (reason.startswith(DICOM_REASON) and len(reason) > len(DICOM_REASON)):
             raise ValueError(f"unknown pixel reject reason {reason!r}")
         self.reason = reason
         self.path = None if path is None else str(path)
@@ -133,6 +139,10 @@ Shape = tuple[int, int]
 
 def _decode_bytes(data: bytes, path, target: int | None, fit: str | None) -> tuple[np.ndarray, int, Shape | None]:
     """-> (decoded array, reduction factor r, full (height, width) when r > 1)."""
+    from cxrshards import dicom   # imported on first use: pydicom loads only where DICOMs are read
+
+    if dicom.is_dicom(path, data):
+        return dicom.decode_dicom(data, path), 1, None
     buf = np.frombuffer(data, dtype=np.uint8)
     tail = data[-_TAIL:]
     r, full = 1, None
@@ -213,7 +223,8 @@ def load_gray(path: str | os.PathLike, target: int | None = None, fit: str | Non
     short side, safe for every fit). To turn a file into SIZE x SIZE pixels use `prepare` (or
     `preprocess`): it maps the fit's window onto the reduced grid exactly, which `fit_resize` on the
     reduced array cannot (libjpeg rounds reduced sides up, and crop/pad offsets are not multiples of r).
-    Raises PixelError('missing'|'zero bytes'|'truncated'|'corrupt'|'unreadable').
+    A DICOM file decodes by `cxrshards.dicom`'s rules, always at full resolution.
+    Raises PixelError('missing'|'zero bytes'|'truncated'|'corrupt'|'unreadable'|'DICOM: ...').
     """
     return _load(path, target, fit)[0]
 
@@ -398,7 +409,7 @@ def extension(codec: str) -> str:
 
 
 __all__ = [
-    "CODECS", "CODEC_EXTENSIONS", "FITS", "PNG_COMPRESSION", "REDUCED_MARGIN", "REJECT_REASONS", "PixelError",
+    "CODECS", "CODEC_EXTENSIONS", "DICOM_REASON", "FITS", "PNG_COMPRESSION", "REDUCED_MARGIN", "REJECT_REASONS", "PixelError",
     "area_resize_window", "decode", "encode", "extension", "fit_resize", "fit_window", "jpeg_size",
     "load_gray", "pad_geometry", "prepare", "preprocess", "read_bytes", "reduction_factor", "to_gray8",
 ]
