@@ -42,6 +42,7 @@ from manifests.atomic import atomic_path, write_bytes_atomic
 from manifests.build import build_manifest
 from manifests.errors import CxrError
 from manifests.options import ManifestOptions
+from manifests.vocab import SOURCES
 from manifests.table import SPLITS, Manifest, concat_rejects, conform, make_rejects, read_manifest, reject_counts, write_rejects
 
 FORMATS = ("wds", "hdf5", "both")
@@ -70,7 +71,7 @@ class BuildConfig:
     """Every option of `cxr shard build` besides the manifest options. Saved as `build.json`."""
 
     # what to read
-    source: str | None = None            # nih | mimic | cardiomegaly | folder; None: the manifest's
+    source: str | None = None            # one of manifests.vocab.SOURCES; None: the manifest's
     raw: Path | None = None              # raw root; None: the one recorded in --manifest
     manifest: Path | None = None         # a manifest.parquet to use instead of building one from raw
     # pixels
@@ -113,7 +114,7 @@ class BuildConfig:
         if self.raw is None and self.manifest is None:
             raise CxrError("give --raw (the raw image root) or --manifest (a manifest.parquet)")
         if self.source is None and self.manifest is None:
-            raise CxrError("give --source (nih, mimic, cardiomegaly, folder) or --manifest")
+            raise CxrError(f"give --source ({', '.join(SOURCES)}) or --manifest")
 
     @property
     def formats(self) -> tuple[str, ...]:
