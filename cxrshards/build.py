@@ -11,6 +11,9 @@ Resume: each finished piece leaves a record in `.work/`, each finished shard one
 written after their files and naming their sha256. A re-run with the same options reuses every shard and
 piece whose record and checksums still match and rebuilds the rest; the result is byte-identical. A
 successful build removes `.work/` and `.progress/`.
+
+One build per folder: the whole build holds `ROOT/NAME` (`manifests.lock.folder_lock`); a second build into
+it fails at once naming the holder, and touches nothing there.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from manifests import __version__
 from manifests.atomic import atomic_path, write_bytes_atomic
 from manifests.build import build_manifest
 from manifests.errors import CxrError
+from manifests.lock import LOCK_NAME, folder_lock
 from manifests.options import ManifestOptions
 from manifests.table import SPLITS, Manifest, concat_rejects, conform, make_rejects, read_manifest, reject_counts, write_rejects
 
@@ -195,6 +199,13 @@ def build_shards(config: BuildConfig, manifest_options: ManifestOptions | None =
     manifest, manifest_options = _load_manifest(config, manifest_options)
     config = config.resolved(source=manifest.meta.get("source"), raw=manifest.meta.get("raw"))
     out_dir = config.out / config.name
+    with folder_lock(out_dir, "shard build", hint="wait for it to finish, or pass another --name or --out"):
+        return _build_locked(config, manifest, manifest_options, out_dir, started)
+
+
+def _build_locked(config: BuildConfig, manifest: Manifest, manifest_options: dict, out_dir: Path,
+                  started: float) -> BuildResult:
+    """The build proper, run while this process holds `out_dir` (`manifests.lock.folder_lock`)."""
     labels = list(manifest.labels)
     table = conform(manifest.table, labels)
     shard_options = config.shard_options()
@@ -263,7 +274,7 @@ def _prepare_dir(out_dir: Path, force: bool, options: dict) -> None:
         raise CxrError(f"{out_dir} exists and is not a folder")
     if force:
         _remove_outputs(out_dir)
-    elif out_dir.is_dir() and any(e.name not in (WORK_DIR, PROGRESS_DIR) and not e.name.endswith(".tmp")
+    elif out_dir.is_dir() and any(e.name not in (WORK_DIR, PROGRESS_DIR, LOCK_NAME) and not e.name.endswith(".tmp")
                                   for e in out_dir.iterdir()):
         previous = _read_record(progress / OPTIONS_RECORD)
         if previous is None:
