@@ -75,6 +75,9 @@ def build(
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", show_default=False,
                                                    help="Decoding processes [default: all cores].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even shards a previous run finished.")] = False,
+    verify_sources: Annotated[bool, typer.Option(
+        "--verify-sources", help="Record each source image's sha256, and on resume reuse finished work only if its "
+                                 "sources re-hash equal (size and mtime are always checked).")] = False,
     max_reject_fraction: Annotated[float, typer.Option(
         "--max-reject-fraction", help="Exit 1 (after writing everything) when more of the manifest's images "
                                       "than this are unreadable.")] = _D.max_reject_fraction,
@@ -100,7 +103,7 @@ def build(
         options = manifest_options(source, seed=seed, **given)
     config = BuildConfig(source=source.lower() if source else None, raw=raw, manifest=manifest, size=size, fit=fit,
                          codec=codec, jpeg_quality=jpeg_quality, format=format, shard_size=shard_size, seed=seed,
-                         out=out, name=name, workers=workers, scheduler=scheduler, force=force,
+                         out=out, name=name, workers=workers, scheduler=scheduler, force=force, verify_sources=verify_sources,
                          max_reject_fraction=max_reject_fraction, quiet=quiet)
     try:
         result = build_shards(config, options)

@@ -9,8 +9,10 @@ consecutive samples) that worker processes, or Dask workers, encode independentl
 
 Resume: each finished piece leaves a record in `.work/`, each finished shard one in `.progress/`, both
 written after their files and naming their sha256. A re-run with the same options reuses every shard and
-piece whose record and checksums still match and rebuilds the rest; the result is byte-identical. A
-successful build removes `.work/` and `.progress/`.
+piece whose record and checksums still match, and whose sources are unchanged (size and mtime as
+recorded; with --verify-sources also their sha256, re-hashed), and rebuilds the rest; the result is
+byte-identical to a clean build of the sources as they are now. A successful build removes `.work/` and
+`.progress/`.
 
 One build per folder: the whole build holds `ROOT/NAME` (`manifests.lock.folder_lock`); a second build into
 it fails at once naming the holder, and touches nothing there.
@@ -37,7 +39,7 @@ from cxrshards.card import (BUILD_NAME, CARD_NAME, MANIFEST_NAME, REJECTS_NAME, 
                             write_located_manifest)
 from cxrshards.paths import shards_root
 from cxrshards.pixels import CODECS, FITS
-from cxrshards.tasks import PieceTask, run_piece, shard_fingerprint
+from cxrshards.tasks import PieceTask, file_sha256, run_piece, shard_fingerprint, source_stamp
 from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, write_h5
 from manifests import __version__
 from manifests.atomic import atomic_path, write_bytes_atomic
@@ -92,6 +94,7 @@ class BuildConfig:
     workers: int | None = None           # processes; None: all cores; 1: inline
     scheduler: str | None = None         # tcp://HOST:PORT of a Dask scheduler instead of local processes
     force: bool = False                  # rebuild everything, even shards that could be reused
+    verify_sources: bool = False         # record sources' sha256; reuse only pieces whose sources re-hash equal
     max_reject_fraction: float = 0.01    # pixel rejects / manifest rows above this: exit non-zero
     quiet: bool = False                  # no progress bar
 
@@ -359,7 +362,8 @@ def _pieces(shards: list[_Shard], config: BuildConfig, work: Path, slots: int) -
             tasks.append(PieceTask(
                 shard=shard.stem, start=start, items=tuple(shard.items[start:start + piece]), raw=str(config.raw),
                 size=config.size, fit=config.fit, codec=config.codec, jpeg_quality=config.jpeg_quality,
-                wds="wds" in config.formats, hdf5="hdf5" in config.formats, work=str(work), shard_id=shard.shard_id))
+                wds="wds" in config.formats, hdf5="hdf5" in config.formats, work=str(work), shard_id=shard.shard_id,
+                hash_sources=config.verify_sources))
     return tasks
 
 
@@ -367,11 +371,13 @@ def _pieces(shards: list[_Shard], config: BuildConfig, work: Path, slots: int) -
 
 
 def _reuse(shards: list[_Shard], tasks: list[PieceTask], config: BuildConfig, work: Path, progress: Path) -> int:
-    """Mark shards and pieces whose records and checksums match; returns the number of shards reused."""
+    """Mark shards and pieces whose records, checksums and sources match; returns the number of shards reused."""
     reused = 0
+    fresh = _fresh_sources(config)
     for shard in shards:
         record = _read_record(progress / f"{shard.stem}.json")
-        if record and record.get("id") == shard.shard_id and _files_match(shard, record, config, work):
+        if (record and record.get("id") == shard.shard_id and fresh(record, shard.items)
+                and _files_match(shard, record, config, work)):
             shard.record = record
             shard.pieces = {start: {} for start in shard.starts}
             reused += 1
@@ -382,7 +388,7 @@ def _reuse(shards: list[_Shard], tasks: list[PieceTask], config: BuildConfig, wo
             continue
         paths = task.paths()
         record = _read_record(paths["record"])
-        if not record or record.get("task") != task.task_id:
+        if not record or record.get("task") != task.task_id or not fresh(record, task.items):
             continue
         if task.wds and (not paths["tarpart"].is_file() or sha256_file(paths["tarpart"]) != record["tarpart_sha256"]):
             continue
@@ -390,6 +396,33 @@ def _reuse(shards: list[_Shard], tasks: list[PieceTask], config: BuildConfig, wo
             continue
         shard.pieces[task.start] = record
     return reused
+
+
+def _fresh_sources(config: BuildConfig) -> Callable[[dict, Iterable], bool]:
+    """`fresh(record, items)`: were the record's files made from the items' sources as they are now?
+
+    Always: every source's size and mtime (ns) equal the recorded ones (a source missing then must be missing
+    now). With --verify-sources: also its sha256, re-hashed now, equals the recorded one; a record made
+    without hashes is never trusted then. Files are hashed at most once per run (threads: hashlib releases
+    the GIL)."""
+    raw = Path(config.raw)
+    hashes: dict[str, str | None] = {}
+
+    def fresh(record: dict, items) -> bool:
+        sources = record.get("sources")
+        if not isinstance(sources, list) or [s[0] for s in sources] != [rel for _, rel, _ in items]:
+            return False
+        for rel, size, mtime_ns, _ in sources:
+            if source_stamp(raw / rel, False)[:2] != [size, mtime_ns]:
+                return False
+        if not config.verify_sources:
+            return True
+        todo = [rel for rel, size, _, _ in sources if size is not None and rel not in hashes]
+        with cf.ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+            hashes.update(zip(todo, pool.map(lambda rel: file_sha256(raw / rel), todo)))
+        return all(size is None or (sha is not None and hashes[rel] == sha) for rel, size, _, sha in sources)
+
+    return fresh
 
 
 def _files_match(shard: _Shard, record: dict, config: BuildConfig, work: Path) -> bool:
@@ -516,6 +549,7 @@ def _assemble(shard: _Shard, config: BuildConfig, out_dir: Path, work: Path, pro
     record = {"id": shard.shard_id, "count": sum(r["count"] for r in records),
               "keys": [k for r in records for k in r["keys"]],
               "rejects": [x for r in records for x in r["rejects"]],
+              "sources": [x for r in records for x in r["sources"]],
               "hist": np.sum([np.asarray(r["hist"], dtype=np.int64) for r in records], axis=0).tolist()}
     if "wds" in config.formats:
         digest = hashlib.sha256()
