@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -54,6 +55,7 @@ ORDER_STREAM = 0x5EED           # salts the sample-order RNG: default_rng([seed,
 MAX_SHARD_SAMPLES = 10_000
 MAX_SHARD_BYTES = 1 << 30        # ~1 GB per tar
 MAX_PIECE = 256                  # samples per work unit at most (a piece never spans two shards)
+PIECES_PER_SLOT = 8              # pieces per worker slot over a whole build: the last ones are small
 WORK_DIR, PROGRESS_DIR = ".work", ".progress"
 OPTIONS_RECORD = "options.json"
 SHARD_FILE = re.compile(r"^(train|valid|test)-\d{6}\.tar$")
@@ -199,6 +201,8 @@ def build_shards(config: BuildConfig, manifest_options: ManifestOptions | None =
     rejects exceed `config.max_reject_fraction`.
     """
     started = time.perf_counter()
+    if config.scheduler is None and (config.workers is None or int(config.workers) > 1):
+        start_worker_server()   # the workers' process server imports its decoders while the manifest loads
     manifest, manifest_options = _load_manifest(config, manifest_options)
     config = config.resolved(source=manifest.meta.get("source"), raw=manifest.meta.get("raw"))
     out_dir = config.out / config.name
@@ -352,19 +356,30 @@ def _plan(table: pd.DataFrame, labels: list[str], config: BuildConfig) -> list[_
 
 
 def _pieces(shards: list[_Shard], config: BuildConfig, work: Path, slots: int) -> list[PieceTask]:
-    """Cut shards into pieces: about 4 per worker slot over the whole build, at most MAX_PIECE samples."""
+    """Cut shards into pieces that keep every worker slot busy to the end, largest first.
+
+    The piece size comes from the whole build's size and the slots: about PIECES_PER_SLOT pieces per slot,
+    at most MAX_PIECE samples. Each shard is cut into near-equal pieces of at most that size (a small split's
+    shard is not left as one long piece beside a tiny one), and the tasks are returned largest first (ties in
+    shard order), so the smallest pieces fill the last gaps. Piece boundaries never change the output bytes:
+    a shard's tar and pixels are its pieces' members concatenated in sample order.
+    """
     total = sum(len(s.items) for s in shards)
-    piece = max(1, min(MAX_PIECE, config.shard_size, math.ceil(total / max(1, 4 * slots))))
+    piece = max(1, min(MAX_PIECE, math.ceil(total / max(1, PIECES_PER_SLOT * slots))))
     tasks = []
     for shard in shards:
-        shard.starts = list(range(0, len(shard.items), piece)) or [0]
-        for start in shard.starts:
+        n = len(shard.items)
+        count = max(1, math.ceil(n / piece))
+        base, extra = divmod(n, count)
+        lengths = [base + (1 if i < extra else 0) for i in range(count)]
+        shard.starts = [0, *itertools.accumulate(lengths[:-1])]
+        for start, length in zip(shard.starts, lengths):
             tasks.append(PieceTask(
-                shard=shard.stem, start=start, items=tuple(shard.items[start:start + piece]), raw=str(config.raw),
+                shard=shard.stem, start=start, items=tuple(shard.items[start:start + length]), raw=str(config.raw),
                 size=config.size, fit=config.fit, codec=config.codec, jpeg_quality=config.jpeg_quality,
                 wds="wds" in config.formats, hdf5="hdf5" in config.formats, work=str(work), shard_id=shard.shard_id,
                 hash_sources=config.verify_sources))
-    return tasks
+    return sorted(tasks, key=lambda t: -len(t.items))   # stable: equal sizes stay in shard order
 
 
 # --- resume -------------------------------------------------------------------------------------------
@@ -503,6 +518,16 @@ def mp_context():
         context.set_forkserver_preload(["__main__", "cxrshards.tasks"])
         return context
     return multiprocessing.get_context("spawn")
+
+
+def start_worker_server() -> None:
+    """Start the forkserver of `mp_context()` now, without waiting for it: it imports the task module in
+    its own process meanwhile, so the pool made later forks ready workers in milliseconds."""
+    context = mp_context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class _progress_bar:
