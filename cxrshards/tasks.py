@@ -122,7 +122,9 @@ def _run_piece(task: PieceTask) -> dict:
     hist = np.zeros(256, dtype=np.int64)
     sources = [[rel, *source_stamp(raw / rel, task.hash_sources)] for _, rel, _ in task.items]
     tar_digest, u8_digest = hashlib.sha256(), hashlib.sha256()
-    with atomic_path(paths["tarpart"]) as tar_tmp, atomic_path(paths["u8"]) as u8_tmp:
+    # No fsync: a piece is reused only after its files' sha256 match its record, so a power cut at worst
+    # makes it be rebuilt; three fsyncs per piece would idle the worker's core (~10% of a build).
+    with atomic_path(paths["tarpart"], fsync=False) as tar_tmp, atomic_path(paths["u8"], fsync=False) as u8_tmp:
         with open(tar_tmp, "wb") as tar_fh, open(u8_tmp, "wb") as u8_fh:
             for key, rel, meta in task.items:
                 try:
@@ -145,5 +147,5 @@ def _run_piece(task: PieceTask) -> dict:
         "rejects": rejects, "hist": hist.tolist(), "sources": sources,
         "tarpart_sha256": tar_digest.hexdigest(), "u8_sha256": u8_digest.hexdigest(),
     }
-    write_bytes_atomic(paths["record"], json.dumps(record).encode())
+    write_bytes_atomic(paths["record"], json.dumps(record).encode(), fsync=False)
     return record
