@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ import pandas as pd
 from cxrshards.card import (BUILD_NAME, CARD_NAME, MANIFEST_NAME, REJECTS_NAME, make_card, write_json,
                             write_located_manifest)
 from cxrshards.paths import shards_root
+from cxrshards.pool import mp_context, start_worker_server
 from cxrshards.pixels import CODECS, FITS
 from cxrshards.tasks import PieceTask, file_sha256, run_piece, shard_fingerprint, source_stamp
 from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, write_h5
@@ -506,28 +506,6 @@ def _execute(tasks: list[PieceTask], config: BuildConfig, client, done: Callable
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-
-
-def mp_context():
-    """The start method of the build's worker processes: forkserver (spawn where there is none), never
-    plain fork. A parent that already ran OpenCV, pyarrow or Dask threads can leave a forked child
-    deadlocked on a lock copied mid-use (seen with OpenCV's thread pool). The server imports the main
-    module and the task module once, so each worker then starts in milliseconds."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["__main__", "cxrshards.tasks"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def start_worker_server() -> None:
-    """Start the forkserver of `mp_context()` now, without waiting for it: it imports the task module in
-    its own process meanwhile, so the pool made later forks ready workers in milliseconds."""
-    context = mp_context()
-    if context.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
 
 
 class _progress_bar:
