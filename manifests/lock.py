@@ -11,6 +11,8 @@ Rules:
 - The holder writes its JSON into the file after it holds the lock, and removes the file on every way out
   (return, exception, KeyboardInterrupt). Removing while holding races with a process that opened the old
   file: so a new holder checks that the path still names the file it locked, else it starts over.
+- A file system without flock (some network mounts): the holder's JSON decides instead; it is stale when
+  its pid is gone on this host, or, written from another host, older than STALE_AFTER (24 h).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Iterator
 from manifests.errors import CxrError
 
 LOCK_NAME = ".cxr.lock"
+STALE_AFTER = 24 * 3600  # without kernel locks: a lock from another host older than this is stale (seconds)
 _READ_TRIES = 20          # a holder that has just locked writes its JSON within microseconds
 
 
@@ -81,7 +84,7 @@ def _acquire(path: Path, what: str, hint: str) -> int:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise FolderLockedError(_held_message(path, what, hint)) from None
-            raise CxrError(f"cannot lock {path}: {exc.strerror} (the file system does not support locks)") from None
+            return _acquire_by_record(path, what, hint)   # no kernel locks on this file system
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
@@ -89,6 +92,31 @@ def _acquire(path: Path, what: str, hint: str) -> int:
         if same:
             return fd
         os.close(fd)            # we locked a file its holder had just removed: start over
+
+
+def _acquire_by_record(path: Path, what: str, hint: str) -> int:
+    """Where the file system has no flock (some network mounts): the holder's JSON decides. It is stale when
+    its pid is gone on this host, or, from another host, when the file is older than STALE_AFTER seconds.
+    Best effort: two processes taking over the same stale file at the same instant are not told apart."""
+    holder = read_holder(path.parent)
+    if holder and _alive(holder, path):
+        raise FolderLockedError(_held_message(path, what, hint))
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _alive(holder: dict, path: Path) -> bool:
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+        return int(holder.get("pid", 0)) > 0
+    try:
+        return time.time() - path.stat().st_mtime < STALE_AFTER
+    except OSError:
+        return False
 
 
 def _held_message(path: Path, what: str, hint: str) -> str:

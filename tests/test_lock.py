@@ -109,3 +109,35 @@ def test_train_into_a_folder_in_use_is_refused(tmp_path):
             fit(cfg)
         assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
         assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]   # nothing written by the refused run
+
+
+def test_without_kernel_locks_the_record_decides(tmp_path, monkeypatch):
+    import errno
+
+    import manifests.lock as lock_module
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    here = socket.gethostname()
+    cases = [({"pid": os.getpid(), "host": here}, 0, True),          # a live pid on this host
+             ({"pid": dead_pid, "host": here}, 0, False),            # its pid is gone: stale
+             ({"pid": 1, "host": "elsewhere"}, 0, True),             # another host, recent
+             ({"pid": 1, "host": "elsewhere"}, 2 * 86400, False)]    # another host, two days old: stale
+    for holder, age, refused in cases:
+        lock = folder / LOCK_NAME
+        lock.write_text(json.dumps({**holder, "started": "then", "what": "shard build", "command": "cxr"}))
+        os.utime(lock, (time.time() - age, time.time() - age))
+        if refused:
+            with pytest.raises(FolderLockedError, match=f"pid {holder['pid']} on host {holder['host']}"):
+                with folder_lock(folder):
+                    pass
+        else:
+            with folder_lock(folder):
+                assert read_holder(folder)["pid"] == os.getpid()
+            assert not lock.exists()
