@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from cli.app import app, console
+
+if TYPE_CHECKING:  # pragma: no cover
+    from manifests.build import Manifest
 from cli.options import (
     FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
     PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
     UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_options,
 )
-from manifests.build import Manifest, build_manifest
-from manifests.table import SPLITS, read_manifest, reject_counts, split_summary, write_manifest, write_rejects
+# manifests.build / manifests.table (pandas) are imported inside the commands: `cxr --help` stays fast.
 
 manifest_app = typer.Typer(
     help="Label manifests: which images, which labels, which split (tables only, no pixels).",
@@ -53,6 +55,9 @@ def build(
     rejects: RejectsOpt = None,
 ) -> None:
     """Select images, labels and a patient-level split from a raw dataset's tables; write a Parquet manifest."""
+    from manifests.build import build_manifest
+    from manifests.table import write_manifest, write_rejects
+
     options = manifest_options(source, seed=seed, views=views, valid_fraction=valid_fraction, labels=labels,
                                uncertain=uncertain, split=split, fetch_list=fetch_list, label=label,
                                ratios=ratios, patient_pattern=patient_pattern, negative=negative, table=table,
@@ -82,6 +87,8 @@ def info(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="A manifest written by `cxr manifest build`.")],
 ) -> None:
     """Counts, patients and label prevalence per split of a manifest."""
+    from manifests.table import SPLITS, read_manifest, split_summary
+
     manifest = read_manifest(file)
     meta = manifest.meta
     console.print(f"[bold]{file}[/]: source {meta.get('source')}, {len(manifest.table):,} images, "
@@ -100,6 +107,8 @@ def info(
 
 
 def _print_counts(manifest: Manifest) -> None:
+    from manifests.table import SPLITS, split_summary
+
     summary = split_summary(manifest.table, manifest.labels)
     table = Table()
     table.add_column("split")
@@ -111,6 +120,8 @@ def _print_counts(manifest: Manifest) -> None:
 
 
 def _print_rejects(manifest: Manifest, path: Path | None) -> None:
+    from manifests.table import reject_counts
+
     counts = reject_counts(manifest.rejects)
     if not counts:
         console.print("rejects: none")

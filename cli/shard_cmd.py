@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,14 +13,19 @@ from cli.options import (
     PatientPatternOpt, RatiosOpt, RawOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
     UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_options,
 )
-from cxrshards.build import BuildConfig, BuildResult, RejectLimitError, build_shards
 from manifests.errors import CxrError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxrshards.build import BuildResult
 
 shard_app = typer.Typer(help="Shard sets: decode the raw images once into WebDataset tars and HDF5.",
                         no_args_is_help=True)
 app.add_typer(shard_app, name="shard")
 
-_D = BuildConfig(source="nih", raw=Path("."))
+# BuildConfig's defaults, written out so that importing this module (every `cxr` command, `cxr --help`)
+# does not import the builder (pandas, OpenCV); tests/test_shard_cli.py checks they are the same.
+DEFAULTS = {"size": 224, "format": "both", "codec": "png", "jpeg_quality": 95, "fit": "pad",
+            "max_reject_fraction": 0.01}
 _MANIFEST_DEFAULTS = {"views": "", "valid_fraction": 0.1, "labels": "negbio", "uncertain": "zeros", "split": "auto",
                       "fetch_list": None, "label": None, "ratios": "7:1:2", "patient_pattern": None,
                       "negative": "normal", "table": None, "path_col": None, "patient_col": None, "label_cols": "",
@@ -56,15 +61,15 @@ def build(
     view_col: ViewColOpt = None,
     split_col: SplitColOpt = None,
     path_format: PathFormatOpt = None,
-    size: Annotated[int, typer.Option("--size", help="Output side in pixels (images are SIZE x SIZE).")] = _D.size,
+    size: Annotated[int, typer.Option("--size", help="Output side in pixels (images are SIZE x SIZE).")] = DEFAULTS["size"],
     format: Annotated[str, typer.Option("--format", metavar="wds|hdf5|both",
-                                        help="WebDataset tars, one HDF5 file per split, or both.")] = _D.format,
+                                        help="WebDataset tars, one HDF5 file per split, or both.")] = DEFAULTS["format"],
     codec: Annotated[str, typer.Option("--codec", metavar="png|jpeg|raw",
-                                       help="How a tar sample stores its pixels (HDF5 holds the decoded pixels).")] = _D.codec,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="Quality of --codec jpeg.")] = _D.jpeg_quality,
+                                       help="How a tar sample stores its pixels (HDF5 holds the decoded pixels).")] = DEFAULTS["codec"],
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", help="Quality of --codec jpeg.")] = DEFAULTS["jpeg_quality"],
     fit: Annotated[str, typer.Option("--fit", metavar="pad|squash|crop",
                                      help="pad: keep the aspect ratio, pad with black; squash: stretch; "
-                                          "crop: centre square.")] = _D.fit,
+                                          "crop: centre square.")] = DEFAULTS["fit"],
     out: Annotated[Optional[Path], typer.Option("--out", metavar="ROOT", show_default=False,
                                                 help="Root of shard sets [default: $CXR_SHARDS or ./shards].")] = None,
     name: Annotated[Optional[str], typer.Option("--name", show_default=False,
@@ -75,15 +80,24 @@ def build(
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", show_default=False,
                                                    help="Decoding processes [default: all cores].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even shards a previous run finished.")] = False,
+    verify_sources: Annotated[bool, typer.Option(
+        "--verify-sources", help="Record each source image's sha256, and on resume reuse finished work only if its "
+                                 "sources re-hash equal (size and mtime are always checked).")] = False,
     max_reject_fraction: Annotated[float, typer.Option(
         "--max-reject-fraction", help="Exit 1 (after writing everything) when more of the manifest's images "
-                                      "than this are unreadable.")] = _D.max_reject_fraction,
+                                      "than this are unreadable.")] = DEFAULTS["max_reject_fraction"],
     scheduler: Annotated[Optional[str], typer.Option(
         "--scheduler", metavar="tcp://HOST:PORT", show_default=False,
         help="Run the per-shard tasks on this Dask scheduler (--out must be reachable by every worker).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Decode, resize and encode every image of a manifest into ROOT/NAME (resumable, byte-reproducible)."""
+    if scheduler is None and workers != 1:
+        from cxrshards.pool import start_worker_server
+
+        start_worker_server()   # the workers import their decoders while this process imports the builder
+    from cxrshards.build import BuildConfig, RejectLimitError, build_shards
+
     given = {"views": views, "valid_fraction": valid_fraction, "labels": labels, "uncertain": uncertain,
              "split": split, "fetch_list": fetch_list, "label": label, "ratios": ratios,
              "patient_pattern": patient_pattern, "negative": negative, "table": table, "path_col": path_col,
@@ -100,7 +114,7 @@ def build(
         options = manifest_options(source, seed=seed, **given)
     config = BuildConfig(source=source.lower() if source else None, raw=raw, manifest=manifest, size=size, fit=fit,
                          codec=codec, jpeg_quality=jpeg_quality, format=format, shard_size=shard_size, seed=seed,
-                         out=out, name=name, workers=workers, scheduler=scheduler, force=force,
+                         out=out, name=name, workers=workers, scheduler=scheduler, force=force, verify_sources=verify_sources,
                          max_reject_fraction=max_reject_fraction, quiet=quiet)
     try:
         result = build_shards(config, options)

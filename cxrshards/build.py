@@ -9,16 +9,21 @@ consecutive samples) that worker processes, or Dask workers, encode independentl
 
 Resume: each finished piece leaves a record in `.work/`, each finished shard one in `.progress/`, both
 written after their files and naming their sha256. A re-run with the same options reuses every shard and
-piece whose record and checksums still match and rebuilds the rest; the result is byte-identical. A
-successful build removes `.work/` and `.progress/`.
+piece whose record and checksums still match, and whose sources are unchanged (size and mtime as
+recorded; with --verify-sources also their sha256, re-hashed), and rebuilds the rest; the result is
+byte-identical to a clean build of the sources as they are now. A successful build removes `.work/` and
+`.progress/`.
+
+One build per folder: the whole build holds `ROOT/NAME` (`manifests.lock.folder_lock`); a second build into
+it fails at once naming the holder, and touches nothing there.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import itertools
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
@@ -33,14 +38,16 @@ import pandas as pd
 from cxrshards.card import (BUILD_NAME, CARD_NAME, MANIFEST_NAME, REJECTS_NAME, make_card, write_json,
                             write_located_manifest)
 from cxrshards.paths import shards_root
+from cxrshards.pool import mp_context, start_worker_server
 from cxrshards.pixels import CODECS, FITS
 from cxrshards.sheet import README_NAME, render_readme
-from cxrshards.tasks import PieceTask, run_piece, shard_fingerprint
+from cxrshards.tasks import PieceTask, file_sha256, run_piece, shard_fingerprint, source_stamp
 from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, write_h5
 from manifests import __version__
 from manifests.atomic import atomic_path, write_bytes_atomic
 from manifests.build import build_manifest
 from manifests.errors import CxrError
+from manifests.lock import LOCK_NAME, folder_lock
 from manifests.options import ManifestOptions
 from manifests.vocab import SOURCES
 from manifests.table import SPLITS, Manifest, concat_rejects, conform, make_rejects, read_manifest, reject_counts, write_rejects
@@ -50,6 +57,7 @@ ORDER_STREAM = 0x5EED           # salts the sample-order RNG: default_rng([seed,
 MAX_SHARD_SAMPLES = 10_000
 MAX_SHARD_BYTES = 1 << 30        # ~1 GB per tar
 MAX_PIECE = 256                  # samples per work unit at most (a piece never spans two shards)
+PIECES_PER_SLOT = 8              # pieces per worker slot over a whole build: the last ones are small
 WORK_DIR, PROGRESS_DIR = ".work", ".progress"
 OPTIONS_RECORD = "options.json"
 SHARD_FILE = re.compile(r"^(train|valid|test)-\d{6}\.tar$")
@@ -90,6 +98,7 @@ class BuildConfig:
     workers: int | None = None           # processes; None: all cores; 1: inline
     scheduler: str | None = None         # tcp://HOST:PORT of a Dask scheduler instead of local processes
     force: bool = False                  # rebuild everything, even shards that could be reused
+    verify_sources: bool = False         # record sources' sha256; reuse only pieces whose sources re-hash equal
     max_reject_fraction: float = 0.01    # pixel rejects / manifest rows above this: exit non-zero
     quiet: bool = False                  # no progress bar
 
@@ -194,9 +203,18 @@ def build_shards(config: BuildConfig, manifest_options: ManifestOptions | None =
     rejects exceed `config.max_reject_fraction`.
     """
     started = time.perf_counter()
+    if config.scheduler is None and (config.workers is None or int(config.workers) > 1):
+        start_worker_server()   # the workers' process server imports its decoders while the manifest loads
     manifest, manifest_options = _load_manifest(config, manifest_options)
     config = config.resolved(source=manifest.meta.get("source"), raw=manifest.meta.get("raw"))
     out_dir = config.out / config.name
+    with folder_lock(out_dir, "shard build", hint="wait for it to finish, or pass another --name or --out"):
+        return _build_locked(config, manifest, manifest_options, out_dir, started)
+
+
+def _build_locked(config: BuildConfig, manifest: Manifest, manifest_options: dict, out_dir: Path,
+                  started: float) -> BuildResult:
+    """The build proper, run while this process holds `out_dir` (`manifests.lock.folder_lock`)."""
     labels = list(manifest.labels)
     table = conform(manifest.table, labels)
     shard_options = config.shard_options()
@@ -265,7 +283,7 @@ def _prepare_dir(out_dir: Path, force: bool, options: dict) -> None:
         raise CxrError(f"{out_dir} exists and is not a folder")
     if force:
         _remove_outputs(out_dir)
-    elif out_dir.is_dir() and any(e.name not in (WORK_DIR, PROGRESS_DIR) and not e.name.endswith(".tmp")
+    elif out_dir.is_dir() and any(e.name not in (WORK_DIR, PROGRESS_DIR, LOCK_NAME) and not e.name.endswith(".tmp")
                                   for e in out_dir.iterdir()):
         previous = _read_record(progress / OPTIONS_RECORD)
         if previous is None:
@@ -340,29 +358,43 @@ def _plan(table: pd.DataFrame, labels: list[str], config: BuildConfig) -> list[_
 
 
 def _pieces(shards: list[_Shard], config: BuildConfig, work: Path, slots: int) -> list[PieceTask]:
-    """Cut shards into pieces: about 4 per worker slot over the whole build, at most MAX_PIECE samples."""
+    """Cut shards into pieces that keep every worker slot busy to the end, largest first.
+
+    The piece size comes from the whole build's size and the slots: about PIECES_PER_SLOT pieces per slot,
+    at most MAX_PIECE samples. Each shard is cut into near-equal pieces of at most that size (a small split's
+    shard is not left as one long piece beside a tiny one), and the tasks are returned largest first (ties in
+    shard order), so the smallest pieces fill the last gaps. Piece boundaries never change the output bytes:
+    a shard's tar and pixels are its pieces' members concatenated in sample order.
+    """
     total = sum(len(s.items) for s in shards)
-    piece = max(1, min(MAX_PIECE, config.shard_size, math.ceil(total / max(1, 4 * slots))))
+    piece = max(1, min(MAX_PIECE, math.ceil(total / max(1, PIECES_PER_SLOT * slots))))
     tasks = []
     for shard in shards:
-        shard.starts = list(range(0, len(shard.items), piece)) or [0]
-        for start in shard.starts:
+        n = len(shard.items)
+        count = max(1, math.ceil(n / piece))
+        base, extra = divmod(n, count)
+        lengths = [base + (1 if i < extra else 0) for i in range(count)]
+        shard.starts = [0, *itertools.accumulate(lengths[:-1])]
+        for start, length in zip(shard.starts, lengths):
             tasks.append(PieceTask(
-                shard=shard.stem, start=start, items=tuple(shard.items[start:start + piece]), raw=str(config.raw),
+                shard=shard.stem, start=start, items=tuple(shard.items[start:start + length]), raw=str(config.raw),
                 size=config.size, fit=config.fit, codec=config.codec, jpeg_quality=config.jpeg_quality,
-                wds="wds" in config.formats, hdf5="hdf5" in config.formats, work=str(work), shard_id=shard.shard_id))
-    return tasks
+                wds="wds" in config.formats, hdf5="hdf5" in config.formats, work=str(work), shard_id=shard.shard_id,
+                hash_sources=config.verify_sources))
+    return sorted(tasks, key=lambda t: -len(t.items))   # stable: equal sizes stay in shard order
 
 
 # --- resume -------------------------------------------------------------------------------------------
 
 
 def _reuse(shards: list[_Shard], tasks: list[PieceTask], config: BuildConfig, work: Path, progress: Path) -> int:
-    """Mark shards and pieces whose records and checksums match; returns the number of shards reused."""
+    """Mark shards and pieces whose records, checksums and sources match; returns the number of shards reused."""
     reused = 0
+    fresh = _fresh_sources(config)
     for shard in shards:
         record = _read_record(progress / f"{shard.stem}.json")
-        if record and record.get("id") == shard.shard_id and _files_match(shard, record, config, work):
+        if (record and record.get("id") == shard.shard_id and fresh(record, shard.items)
+                and _files_match(shard, record, config, work)):
             shard.record = record
             shard.pieces = {start: {} for start in shard.starts}
             reused += 1
@@ -373,7 +405,7 @@ def _reuse(shards: list[_Shard], tasks: list[PieceTask], config: BuildConfig, wo
             continue
         paths = task.paths()
         record = _read_record(paths["record"])
-        if not record or record.get("task") != task.task_id:
+        if not record or record.get("task") != task.task_id or not fresh(record, task.items):
             continue
         if task.wds and (not paths["tarpart"].is_file() or sha256_file(paths["tarpart"]) != record["tarpart_sha256"]):
             continue
@@ -381,6 +413,33 @@ def _reuse(shards: list[_Shard], tasks: list[PieceTask], config: BuildConfig, wo
             continue
         shard.pieces[task.start] = record
     return reused
+
+
+def _fresh_sources(config: BuildConfig) -> Callable[[dict, Iterable], bool]:
+    """`fresh(record, items)`: were the record's files made from the items' sources as they are now?
+
+    Always: every source's size and mtime (ns) equal the recorded ones (a source missing then must be missing
+    now). With --verify-sources: also its sha256, re-hashed now, equals the recorded one; a record made
+    without hashes is never trusted then. Files are hashed at most once per run (threads: hashlib releases
+    the GIL)."""
+    raw = Path(config.raw)
+    hashes: dict[str, str | None] = {}
+
+    def fresh(record: dict, items) -> bool:
+        sources = record.get("sources")
+        if not isinstance(sources, list) or [s[0] for s in sources] != [rel for _, rel, _ in items]:
+            return False
+        for rel, size, mtime_ns, _ in sources:
+            if source_stamp(raw / rel, False)[:2] != [size, mtime_ns]:
+                return False
+        if not config.verify_sources:
+            return True
+        todo = [rel for rel, size, _, _ in sources if size is not None and rel not in hashes]
+        with cf.ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+            hashes.update(zip(todo, pool.map(lambda rel: file_sha256(raw / rel), todo)))
+        return all(size is None or (sha is not None and hashes[rel] == sha) for rel, size, _, sha in sources)
+
+    return fresh
 
 
 def _files_match(shard: _Shard, record: dict, config: BuildConfig, work: Path) -> bool:
@@ -451,18 +510,6 @@ def _execute(tasks: list[PieceTask], config: BuildConfig, client, done: Callable
                     raise
 
 
-def mp_context():
-    """The start method of the build's worker processes: forkserver (spawn where there is none), never
-    plain fork. A parent that already ran OpenCV, pyarrow or Dask threads can leave a forked child
-    deadlocked on a lock copied mid-use (seen with OpenCV's thread pool). The server imports the main
-    module and the task module once, so each worker then starts in milliseconds."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["__main__", "cxrshards.tasks"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
 class _progress_bar:
     """Context manager yielding `advance(n)`: a rich bar with images/s and ETA, silent when quiet or not a TTY."""
 
@@ -507,6 +554,7 @@ def _assemble(shard: _Shard, config: BuildConfig, out_dir: Path, work: Path, pro
     record = {"id": shard.shard_id, "count": sum(r["count"] for r in records),
               "keys": [k for r in records for k in r["keys"]],
               "rejects": [x for r in records for x in r["rejects"]],
+              "sources": [x for r in records for x in r["sources"]],
               "hist": np.sum([np.asarray(r["hist"], dtype=np.int64) for r in records], axis=0).tolist()}
     if "wds" in config.formats:
         digest = hashlib.sha256()
@@ -518,7 +566,7 @@ def _assemble(shard: _Shard, config: BuildConfig, out_dir: Path, work: Path, pro
         record["tar_sha256"] = digest.hexdigest()
     if "hdf5" in config.formats:
         digest = hashlib.sha256()
-        with atomic_path(work / f"{shard.stem}.u8") as tmp, open(tmp, "wb") as fh:
+        with atomic_path(work / f"{shard.stem}.u8", fsync=False) as tmp, open(tmp, "wb") as fh:   # checked on reuse
             for stem in stems:
                 copy_into(fh, work / f"{stem}.u8", digest)
         record["u8_sha256"] = digest.hexdigest()

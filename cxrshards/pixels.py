@@ -11,6 +11,9 @@ Rules (the contract in docs/DESIGN.md, section 2):
   (IMREAD_REDUCED_GRAYSCALE_*): the largest factor that keeps the reduced image at least
   REDUCED_MARGIN x `target` on the side the fit scales to `target`; `prepare` then maps the fit's
   window onto the reduced grid exactly. Result: >= 40 dB PSNR against full decode + area resize.
+- Decoders, chosen by measurement (bench/shard_bench.py `decoder_table`): 8-bit gray PNGs (NIH)
+  decode with libspng (pyspng), the same pixels as OpenCV's libpng, faster; every other PNG, and every
+  JPEG (libjpeg-turbo's reduced decode), with OpenCV.
 - Resizing is area interpolation (cv2.INTER_AREA); `pad` keeps the aspect ratio and pads centred
   with 0, `squash` stretches, `crop` takes the centred square.
 - DICOM files (.dcm, .dicom, or `DICM` at byte 128) become gray by the rules of `cxrshards.dicom`
@@ -27,6 +30,11 @@ import os
 
 import cv2
 import numpy as np
+
+try:
+    import pyspng as _pyspng   # libspng: faster than OpenCV's libpng on gray PNGs, same pixels
+except ImportError:  # pragma: no cover - a dependency; OpenCV decodes the same pixels without it
+    _pyspng = None
 
 from manifests.errors import CxrError
 
@@ -156,6 +164,8 @@ def _decode_bytes(data: bytes, path, target: int | None, fit: str | None) -> tup
     else:
         if data.startswith(_PNG_SIGNATURE) and b"IEND" not in tail:
             raise PixelError("truncated", path, "no PNG IEND chunk")
+        if _spng_gray(data):
+            return _spng_decode(data, path), 1, None
         flags = cv2.IMREAD_UNCHANGED | _NO_ROTATE
     try:
         img = cv2.imdecode(buf, flags)
@@ -166,6 +176,25 @@ def _decode_bytes(data: bytes, path, target: int | None, fit: str | None) -> tup
     if r > 1 and img.shape[:2] != (-(-full[0] // r), -(-full[1] // r)):
         raise PixelError("corrupt", path, f"reduced decode gave {img.shape[:2]}, header says {full}")
     return img, r, (full if r > 1 else None)
+
+
+def _spng_gray(data: bytes) -> bool:
+    """A plain 8-bit gray PNG (IHDR bit depth 8, colour type 0), decoded by libspng when pyspng is installed?
+    (pyspng 0.1.4 returns 16-bit gray as two channels: those stay with OpenCV.)"""
+    return (_pyspng is not None and len(data) > 25 and data.startswith(_PNG_SIGNATURE)
+            and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 0)
+
+
+def _spng_decode(data: bytes, path) -> np.ndarray:
+    try:
+        img = _pyspng.load(data)
+    except Exception as exc:  # noqa: BLE001 - libspng reports every decode failure as a plain error
+        raise PixelError("corrupt", path, str(exc).strip().splitlines()[-1][:120] if str(exc) else "libspng") from None
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim != 2 or img.size == 0:
+        raise PixelError("corrupt", path, f"libspng gave shape {img.shape}")
+    return img
 
 
 def to_gray8(img: np.ndarray) -> np.ndarray:

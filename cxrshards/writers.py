@@ -14,7 +14,6 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-import h5py
 import numpy as np
 
 from manifests.atomic import atomic_path
@@ -85,6 +84,8 @@ def write_h5(path: str | os.PathLike, *, split: str, size: int, labels: list[str
     they are copied `block` images at a time, so memory stays flat whatever the split's size.
     Byte-deterministic: pinned libver, no timestamps (`track_times=False`), no attribute order tracking.
     """
+    import h5py   # here: the build's workers, which import this module, never write HDF5
+
     n = len(keys)
     if label_matrix.shape != (n, len(labels)):
         raise ValueError(f"{split}: label matrix {label_matrix.shape} does not match {n} keys x {len(labels)} labels")

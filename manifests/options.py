@@ -6,7 +6,6 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from manifests.errors import ManifestError
-from manifests.table import BASE_COLUMNS
 from manifests.vocab import SOURCES
 
 LABEL_SETS = ("negbio", "chexpert")
@@ -56,6 +55,8 @@ class ManifestOptions:
             raise ManifestError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if len(self.ratios) != 3 or any(not math.isfinite(r) or r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
             raise ManifestError(f"--ratios needs three non-negative numbers train:valid:test, got {self.ratios}")
+        from manifests.table import BASE_COLUMNS   # here, not at import: pandas is slow to import (cxr --help)
+
         if self.label is not None and (not self.label.strip() or self.label in BASE_COLUMNS):
             raise ManifestError(f"--label {self.label!r} must be a name other than {', '.join(BASE_COLUMNS)}")
         if not self.negative.strip():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,3 +122,105 @@ def test_a_corrupted_finished_shard_is_rebuilt_on_resume(tmp_path, shared_data, 
     result = build_shards(config, options)
     assert result.shards_built == 1 and result.shards_reused == len(reference.card["files"]) - 1
     assert comparable(result.path) == comparable(reference.path)
+
+
+# --- resume trusts nothing stale: sources changed after an interrupted build ---------------------------
+
+
+def copied_tree(shared: Path, raw: Path) -> list[Path]:
+    """Real, writable copies of the 12 Kermany JPEGs (a folder set); returns them sorted."""
+    for cls in ("normal", "abnormal"):
+        (raw / cls).mkdir(parents=True)
+        for src in sorted((shared / "real" / "kermany" / cls).glob("*.jpeg")):
+            shutil.copyfile(src, raw / cls / src.name)
+    return sorted(raw.rglob("*.jpeg"))
+
+
+def requantize(path: Path) -> None:
+    """Other pixels, same size: raise the JPEG's first quantisation value (the DC step of table 0)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\xff\xdb") + 5
+    data[at] = data[at] + 7 if data[at] < 200 else data[at] - 7
+    path.write_bytes(bytes(data))
+
+
+def keep_stamp(path: Path, change) -> None:
+    """Run change(path), then put the old mtime back (`touch -d` to the old time)."""
+    st = path.stat()
+    change(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def interrupt(config: BuildConfig, options: ManifestOptions, mode: str, monkeypatch) -> None:
+    """A build stopped mid-way: after 3 pieces (`pieces`), or with every shard done but no card (`finish`)."""
+    if mode == "pieces":
+        calls = {"n": 0}
+        real_run_piece = build_module.run_piece
+
+        def failing(task):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise KeyboardInterrupt
+            return real_run_piece(task)
+
+        monkeypatch.setattr(build_module, "run_piece", failing)
+    else:
+        def stop(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(build_module, "_finish", stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(config, options)
+    monkeypatch.undo()
+    assert not (config.out / config.name / "dataset.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["pieces", "finish"])
+def test_resume_after_sources_changed_equals_a_clean_build_of_the_new_sources(tmp_path, shared_data, monkeypatch,
+                                                                              mode):
+    files = copied_tree(shared_data, tmp_path / "raw")
+    options = ManifestOptions(source="folder")
+    config = BuildConfig(source="folder", raw=tmp_path / "raw", out=tmp_path / "a", name="set", size=64,
+                         shard_size=4, workers=1, quiet=True)
+    old = build_shards(replace(config, out=tmp_path / "old"), options)
+    interrupt(config, options, mode, monkeypatch)
+
+    # every source changes: half keep their size (new pixels, newer mtime), half keep their mtime (the
+    # contents of another image, so another size)
+    for path in files[0::2]:
+        requantize(path)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    swapped = files[1::2]
+    blobs = [p.read_bytes() for p in swapped]
+    for path, blob in zip(swapped, blobs[1:] + blobs[:1]):
+        assert len(blob) != path.stat().st_size
+        keep_stamp(path, lambda p, b=blob: p.write_bytes(b))
+
+    resumed = build_shards(config, options)
+    clean = build_shards(replace(config, out=tmp_path / "clean"), options)
+    assert comparable(clean.path) != comparable(old.path)   # the change shows in the shards
+    assert comparable(resumed.path) == comparable(clean.path)
+    assert resumed.images == len(files) and resumed.shards_reused == 0
+
+
+def test_a_change_keeping_size_and_mtime_is_caught_by_verify_sources(tmp_path, shared_data, monkeypatch):
+    files = copied_tree(shared_data, tmp_path / "raw")
+    options = ManifestOptions(source="folder")
+    config = BuildConfig(source="folder", raw=tmp_path / "raw", out=tmp_path / "a", name="set", size=64,
+                         shard_size=4, workers=1, quiet=True, verify_sources=True)
+    old = build_shards(replace(config, out=tmp_path / "old"), options)
+    interrupt(config, options, "finish", monkeypatch)
+    interrupt(replace(config, out=tmp_path / "b"), options, "finish", monkeypatch)
+    changed = files[3]
+    keep_stamp(changed, requantize)
+
+    blind = build_shards(replace(config, out=tmp_path / "b", verify_sources=False), options)
+    assert comparable(blind.path) == comparable(old.path)   # size and mtime alone cannot see this change
+
+    resumed = build_shards(config, options)
+    clean = build_shards(replace(config, out=tmp_path / "clean"), options)
+    assert comparable(clean.path) != comparable(old.path)
+    assert comparable(resumed.path) == comparable(clean.path)
+    assert resumed.shards_built == 1 and resumed.shards_reused == len(list(clean.path.glob("*.tar"))) - 1
+    assert resumed.images <= 4

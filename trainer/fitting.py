@@ -6,6 +6,7 @@ best.pt (best validation macro AUROC), all atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -26,6 +27,7 @@ import cxrshards
 from manifests import __version__
 from manifests.atomic import atomic_path, write_bytes_atomic
 from manifests.errors import CxrError
+from manifests.lock import folder_lock
 from manifests.sampling import cap_sample
 from manifests.table import read_manifest
 from trainer import distributed
@@ -229,7 +231,9 @@ def fit(cfg: TrainConfig, log: Log | None = None) -> Path:
     device = pick_device(cfg.device, info.local_rank)
     distributed.init(device)
     try:
-        return _fit(cfg, device, info, log if info.is_main and log is not None else (lambda _msg: None))
+        with (folder_lock(cfg.out, "training run", hint="wait for it to finish, or pick another --out")
+              if info.is_main else contextlib.nullcontext()):   # one run per folder (rank 0 holds it)
+            return _fit(cfg, device, info, log if info.is_main and log is not None else (lambda _msg: None))
     finally:
         distributed.shutdown()
 
