@@ -107,17 +107,21 @@ def evaluate_run(
     batch_size: int = 64,
     workers: int = 0,
     format: str = "auto",
+    label_map: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate a run's checkpoint on one split; write RUN/eval/ (or `out`); return the report dict.
 
-    The shard set is the one in the run's config.json unless `shards` (with `root`) names another;
-    its card must be the one the checkpoint was trained on (same sha256). Thresholds come from the
-    `valid` split (Youden per label); with no valid split they stay at 0.5.
+    The shard set is the one in the run's config.json unless `shards` (with `root`) names another.
+    The run's own set (the card sha256 the checkpoint was trained on): thresholds come from its `valid`
+    split (Youden per label); with no valid split they stay at 0.5. Any other set is an external
+    evaluation (`trainer.external.evaluate_external`, labels matched through `label_map`), written to
+    RUN/eval/NAME/ (or `out`).
     """
     import cxrshards
     from manifests import __version__
     from trainer.checkpoint import card_sha256
+    from trainer.external import evaluate_external, run_card_sha256
     from trainer.plots import plot_curves
     from trainer.predict import load_run
     from trainer.report import comparable_macro, references_for, write_report
@@ -136,11 +140,9 @@ def evaluate_run(
         raise EvalError(f"{run_dir}/config.json names no shard set: pass --shards NAME_OR_PATH")
     shard_dir = cxrshards.resolve_shard_dir(shards_ref, root_ref)
     sha = card_sha256(shard_dir)
-    if inf.card_sha256 and sha != inf.card_sha256:
-        raise EvalError(
-            f"shard set {shard_dir} (card sha256 {sha[:12]}...) is not the one {loaded.ckpt_path} was trained on "
-            f"(card sha256 {inf.card_sha256[:12]}...): pass --shards with the run's own shard set "
-            f"(its card is copied in {run_dir / 'card.json'}) or train on this one")
+    if sha != run_card_sha256(loaded):   # another shard set: an external evaluation
+        return evaluate_external(loaded, shard_dir, split=split, label_map=label_map, out=out, n_boot=n_boot,
+                                 seed=seed, batch_size=batch_size, workers=workers, format=format, log=log)
     card = cxrshards.read_card(shard_dir)
     card_labels = list(card["labels"])
     missing = [n for n in inf.labels if n not in card_labels]
