@@ -137,7 +137,12 @@ def eval_command(
     report = evaluate_run(run, ckpt=ckpt, split=split, shards=shards, root=root, out=out, n_boot=bootstrap,
                           seed=seed, device=device, batch_size=batch_size, workers=workers, label_map=label_map,
                           log=lambda msg: console.print(f"[dim]{msg}[/]"))
-    print_report(report)
+    print_report(report, title=f"{report['run']}: {report['split']} split, pooled over "
+                 f"{', '.join(report['per_set'])} ({report['metrics']['n_samples']} images)" if report.get("per_set") else None)
+    for name, part in (report.get("per_set") or {}).items():
+        m = part["metrics"]
+        console.print(summary_table({**report, **part}, title=f"{name}: {report['split']} split ({m['n_samples']} "
+                                    f"images, {m.get('n_patients')} patients)"))
     if report.get("external"):
         print_external(report)
 

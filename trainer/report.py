@@ -100,6 +100,8 @@ def render_markdown(report: dict) -> str:
 
     if report.get("external"):
         out += external_section(report)
+    if report.get("per_set"):
+        out += per_set_section(report)
 
     refs = report.get("references") or []
     if refs:
@@ -135,6 +137,21 @@ def render_markdown(report: dict) -> str:
     out += ["Files: `report.json` (every number here), `predictions.parquet` (key, patient_id, true labels, "
             "`prob_LABEL` per label), `valid_predictions.parquet` (the valid split the thresholds come from).", ""]
     return "\n".join(out)
+
+
+def per_set_section(report: dict) -> list[str]:
+    """A run over several shard sets: macro/micro AUROC on each set's split and on the pooled one."""
+    rows = []
+    parts = [(name, part["metrics"]) for name, part in report["per_set"].items()] + [("pooled", report["metrics"])]
+    for name, m in parts:
+        ci = m.get("macro_auroc_ci") or {}
+        ci_txt = f"{_f(ci.get('low'))} to {_f(ci.get('high'))}" if ci.get("low") is not None else "-"
+        rows.append([name, m["n_samples"], _f(m["macro_auroc"]), ci_txt, _f(m["micro_auroc"]),
+                     ", ".join(m["undefined_labels"]) or "-"])
+    return ["", "## Per shard set", "",
+            f"Thresholds for every set: {report['thresholds'].get('from', 'valid')}. A label a set lacks is "
+            "undefined on it.", "",
+            _table(["shard set", "images", "macro AUROC", "95% CI", "micro AUROC", "undefined labels"], rows)]
 
 
 def _auroc_ci(side: dict | None) -> str:
