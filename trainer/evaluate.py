@@ -122,9 +122,8 @@ def evaluate_run(
     from manifests import __version__
     from trainer.checkpoint import card_sha256
     from trainer.external import evaluate_external, run_card_sha256
-    from trainer.plots import plot_curves
     from trainer.predict import load_run
-    from trainer.report import comparable_macro, references_for, write_report
+    from trainer.report import comparable_macro, references_for
 
     log = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -204,17 +203,8 @@ def evaluate_run(
     refs = references_for(card.get("source"))
     for r in refs:
         r["ours_macro_auroc"], r["ours_labels_used"] = comparable_macro(metrics["per_label"], r.get("labels"))
-    ckpt_state = inf.checkpoint
     report = {
-        "run": str(run_dir),
-        "split": split,
-        "views": list(common["views"]) or None,
-        "model": cfg.get("model"),
-        "task": inf.task,
-        "head": inf.head,
-        "checkpoint": {"path": str(loaded.ckpt_path), "epoch": ckpt_state.get("epoch"),
-                       "best_metric": ckpt_state.get("best_metric"), "best_epoch": ckpt_state.get("best_epoch"),
-                       "sha256": hashlib.sha256(loaded.ckpt_path.read_bytes()).hexdigest()},
+        **report_head(loaded, split, common["views"]),
         "shard_set": {"name": card.get("name"), "path": str(shard_dir), "source": card.get("source"),
                       "size": card.get("size"), "fit": card.get("fit"), "codec": card.get("codec"),
                       "card_sha256": sha, "phantom": phantom is not None},
@@ -227,13 +217,39 @@ def evaluate_run(
         "tool_version": __version__,
         "seconds": None,
     }
+    return write_outputs(report, out_dir, y_saved, p_saved, inf.labels,
+                         f"{run_dir.name}: {split} split of {card.get('name')}", started)
+
+
+def report_head(loaded, split: str, views: Sequence[str]) -> dict:
+    """The first entries of a report: which run, checkpoint, split and views."""
+    inf = loaded.inference
+    ckpt_state = inf.checkpoint
+    return {
+        "run": str(loaded.run_dir),
+        "split": split,
+        "views": list(views) or None,
+        "model": inf.config.get("model"),
+        "task": inf.task,
+        "head": inf.head,
+        "checkpoint": {"path": str(loaded.ckpt_path), "epoch": ckpt_state.get("epoch"),
+                       "best_metric": ckpt_state.get("best_metric"), "best_epoch": ckpt_state.get("best_epoch"),
+                       "sha256": hashlib.sha256(loaded.ckpt_path.read_bytes()).hexdigest()},
+    }
+
+
+def write_outputs(report: dict, out_dir: Path, y: np.ndarray, p: np.ndarray, labels: Sequence[str], title: str,
+                  started: float) -> dict:
+    """roc.png, pr.png, then report.json and report.md (with `files` and `seconds`) into `out_dir`."""
+    from trainer.plots import plot_curves
+    from trainer.report import write_report
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"{run_dir.name}: {split} split of {card.get('name')}"
-    plot_curves("roc", y_saved, p_saved, inf.labels, metrics, out_dir / "roc.png", title=title)
-    plot_curves("pr", y_saved, p_saved, inf.labels, metrics, out_dir / "pr.png", title=title)
+    plot_curves("roc", y, p, labels, report["metrics"], out_dir / "roc.png", title=title)
+    plot_curves("pr", y, p, labels, report["metrics"], out_dir / "pr.png", title=title)
     report["seconds"] = round(time.perf_counter() - started, 3)
     files = ["report.json", "report.md", "predictions.parquet", "roc.png", "pr.png"]
-    if valid_summary is not None:
+    if report.get("valid") is not None:
         files.append("valid_predictions.parquet")
     report["files"] = {name: str(out_dir / name) for name in files}
     write_report(report, out_dir)

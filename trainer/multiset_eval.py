@@ -13,7 +13,6 @@ The rules:
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -74,8 +73,7 @@ def evaluate_multiset(loaded, *, split: str = "test", root=None, out: str | Path
                       log: Callable[[str], None] | None = None) -> dict:
     """Evaluate a loaded multi-set run (`trainer.predict.load_run`) on each of its sets and pooled."""
     from manifests import __version__
-    from trainer.plots import plot_curves
-    from trainer.report import write_report
+    from trainer.evaluate import report_head, write_outputs
 
     log = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -129,20 +127,11 @@ def evaluate_multiset(loaded, *, split: str = "test", root=None, out: str | Path
     for s in tsets:
         part = df[of_set == s.name].reset_index(drop=True)
         per_set[s.name] = {"shard_set": _set_card(s), "metrics": metrics_of(part)}
-    ckpt_state = inf.checkpoint
     report = {
-        "run": str(run_dir),
-        "split": split,
-        "views": list(views) or None,
-        "model": inf.config.get("model"),
-        "task": inf.task,
-        "head": inf.head,
-        "checkpoint": {"path": str(loaded.ckpt_path), "epoch": ckpt_state.get("epoch"),
-                       "best_metric": ckpt_state.get("best_metric"), "best_epoch": ckpt_state.get("best_epoch"),
-                       "sha256": hashlib.sha256(loaded.ckpt_path.read_bytes()).hexdigest()},
+        **report_head(loaded, split, views),
         "shard_set": {"name": "+".join(names), "path": ", ".join(str(s.shard_dir) for s in sets),
                       "source": "+".join(s.source for s in sets), "size": sets[0].card.get("size"),
-                      "card_sha256": ckpt_state.get("card_sha256"), "phantom": False, "sets": names},
+                      "card_sha256": inf.checkpoint.get("card_sha256"), "phantom": False, "sets": names},
         "normalize": [inf.mean, inf.std],
         "thresholds": {"source": threshold_source, "method": "youden", "per_label": thresholds or {},
                        "from": "the pooled valid split of the run's sets"},
@@ -154,14 +143,5 @@ def evaluate_multiset(loaded, *, split: str = "test", root=None, out: str | Path
         "tool_version": __version__,
         "seconds": None,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"{run_dir.name}: {split} split of {' + '.join(names)} (pooled)"
-    plot_curves("roc", y_saved, p_saved, labels, pooled, out_dir / "roc.png", title=title)
-    plot_curves("pr", y_saved, p_saved, labels, pooled, out_dir / "pr.png", title=title)
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    files = ["report.json", "report.md", "predictions.parquet", "roc.png", "pr.png"]
-    if valid_summary is not None:
-        files.append("valid_predictions.parquet")
-    report["files"] = {name: str(out_dir / name) for name in files}
-    write_report(report, out_dir)
-    return report
+    return write_outputs(report, out_dir, y_saved, p_saved, labels,
+                         f"{run_dir.name}: {split} split of {' + '.join(names)} (pooled)", started)
