@@ -249,7 +249,6 @@ class MixedStream(IterableDataset):
         counts = self.counts()
         orders = []
         for i, (st, pool, n) in enumerate(zip(self.streams, self._pools, counts)):
-            st.shuffle, st.seed = self.shuffle, self.seed
             st.set_rows(draw(pool, n, self.seed, self.epoch, i) if self.shuffle else pool[:n])
             st.set_epoch(self.epoch)
             orders.append(st.epoch_order())
