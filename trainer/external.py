@@ -32,6 +32,7 @@ from typing import Callable
 
 import pandas as pd
 
+from manifests.errors import CxrError
 from manifests.labelmap import LabelMap, load_label_map
 from trainer.metrics import (
     BOOTSTRAP_SEED,
@@ -173,7 +174,7 @@ def _internal_predictions(loaded, run_sha: str, match: LabelMatch, views: tuple[
     ref = cfg.get("shards")
     try:
         own_dir = cxrshards.resolve_shard_dir(ref, cfg.get("root"))
-    except Exception as exc:  # noqa: BLE001 - CxrError from the resolver: say why the internal side needs it
+    except CxrError as exc:   # the resolver's message, and why the internal side needs the set
         raise EvalError(f"the run's own shard set {ref!r} is not found ({str(exc).splitlines()[0]}): external "
                         f"evaluation needs its valid split (thresholds) and test split (internal column); "
                         f"make it reachable (--root of the run) or run `cxr eval --run {loaded.run_dir}` where it is") from None
@@ -342,7 +343,8 @@ def evaluate_external(
                       "phantom": phantom is not None},
         "normalize": [inf.mean, inf.std],
         "thresholds": {"source": threshold_source, "method": "youden", "per_label": thresholds or {},
-                       "from": f"the run's own valid split ({run_card.get('name')}), not {name}'s"},
+                       "from": (f"the run's own valid split ({run_card.get('name')}), not {name}'s" if thresholds is not None
+                                else f"none: the run's own set ({run_card.get('name')}) has no valid split, 0.5 is used")},
         "valid": None,
         "references": [],
         "phantom_findings": phantom_findings,
