@@ -46,9 +46,11 @@ def sets(tmp_path_factory) -> dict[str, Path]:
     mimic = make_shard_set(root, "mimic-32", size=32, labels=MIMIC_LABELS, formats=("wds",),
                            counts={"train": 12, "valid": 8, "test": 6})
     small = make_shard_set(root, "nih-16", size=16, counts={"train": 4, "valid": 2, "test": 2})
+    chex = make_shard_set(root, "chex-32", size=32, labels=("Pleural Effusion", "Cardiomegaly"),
+                          counts={"train": 2, "valid": 2, "test": 12})
     return {"nih": _restamp(nih, source="nih", pixel_mean=0.5, pixel_std=0.25),
             "mimic": _restamp(mimic, source="mimic", pixel_mean=0.3, pixel_std=0.2),
-            "small": small}
+            "small": small, "chex": _restamp(chex, source="chexpert")}
 
 
 def resolved(sets) -> list[mix.MixSet]:
@@ -269,7 +271,24 @@ def test_eval_of_a_multiset_run_per_set_and_pooled_equal_sklearn(sets, selected_
             assert m["per_label"][label]["auroc"] == pytest.approx(want, abs=1e-12), (name, label)
         assert m["macro_auroc"] == pytest.approx(np.mean(defined), abs=1e-12), name
     assert "## Per shard set" in (out / "report.md").read_text()
-    with pytest.raises(Exception, match="several shard sets"):
-        from trainer.evaluate import evaluate_run
 
-        evaluate_run(selected_run, shards=str(sets["nih"]), device="cpu")
+
+def test_external_eval_of_a_multiset_run_compares_with_its_pooled_test(sets, selected_run):
+    from trainer.evaluate import evaluate_run
+
+    assert not (selected_run / "eval").exists()
+    first = evaluate_run(selected_run, shards=str(sets["chex"]), device="cpu", n_boot=20)
+    own = json.loads((selected_run / "eval" / "report.json").read_text())   # evaluated first, then used
+    assert sorted(own["per_set"]) == ["mimic-32", "nih-32"]
+    again = evaluate_run(selected_run, shards=str(sets["chex"]), device="cpu", n_boot=20)
+    assert "reused" in again["external"]["internal"]["source"]
+    for report in (first, again):
+        ext = report["external"]
+        assert [(m["shared"], m["set"]) for m in ext["labels"]["matched"]] == [("Effusion", "Pleural Effusion")]
+        assert ext["run_shard_set"]["name"] == "nih-32+mimic-32"
+        assert ext["internal"]["metrics"]["per_label"]["Effusion"]["auroc"] == \
+            pytest.approx(own["metrics"]["per_label"]["Effusion"]["auroc"], abs=1e-12)
+        df, _ = read_predictions(selected_run / "eval" / "chex-32" / "predictions.parquet")
+        keep = ~df["Effusion"].isna()
+        assert report["metrics"]["per_label"]["Effusion"]["auroc"] == pytest.approx(
+            roc_auc_score(df.loc[keep, "Effusion"], df.loc[keep, "prob_Effusion"]), abs=1e-12)

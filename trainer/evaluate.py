@@ -131,15 +131,14 @@ def evaluate_run(
     run_dir = loaded.run_dir
     inf = loaded.inference
     cfg = inf.config
-    from trainer.multiset_eval import evaluate_multiset, is_multiset
+    from trainer.multiset_eval import evaluate_multiset, evaluate_multiset_external, is_multiset
 
-    if is_multiset(cfg):   # a run over several shard sets: each set and the pooled one (trainer.multiset_eval)
-        if shards is not None:
-            raise EvalError(f"{run_dir} was trained on several shard sets ({', '.join(cfg['shards'])}): evaluate it "
-                            f"on them with `cxr eval --run {run_dir}`; --shards (external evaluation) takes a run "
-                            f"trained on one set")
-        return evaluate_multiset(loaded, split=split, root=root, out=out, n_boot=n_boot, seed=seed,
-                                 batch_size=batch_size, workers=workers, format=format, log=log)
+    if is_multiset(cfg):   # a run over several shard sets (trainer.multiset_eval)
+        common = dict(n_boot=n_boot, seed=seed, batch_size=batch_size, workers=workers, format=format, log=log)
+        if shards is None:   # each of its sets and the pooled one
+            return evaluate_multiset(loaded, split=split, root=root, out=out, **common)
+        return evaluate_multiset_external(loaded, cxrshards.resolve_shard_dir(shards, root), split=split,
+                                          label_map=label_map, out=out, **common)
     if shards is None:
         shards_ref, root_ref = cfg.get("shards"), root if root is not None else cfg.get("root")
     else:

@@ -7,12 +7,16 @@ The rules:
   run label a set lacks is NaN for its rows (left out of that label's numbers).
 - Thresholds: Youden per label on the pooled valid split (one model, one threshold per label), used for
   every set. The run's `--views` apply to every set.
+- `cxr eval --run RUN --shards OTHER` (external, `trainer.external`): the internal side is the pooled test
+  split of the run's own sets, taken from `RUN/eval/` when it holds this checkpoint's test evaluation, else
+  evaluated first (writing `RUN/eval/` as `cxr eval --run RUN` does); the run is named `A+B` in the report.
 - Output `RUN/eval/` (or `out`): predictions.parquet (pooled split; a set's rows are the keys `NAME/...`),
   valid_predictions.parquet, report.json (`metrics` = pooled, `per_set` = {NAME: {"shard_set", "metrics"}}),
   report.md, roc.png, pr.png (pooled). Every number equals scikit-learn's on those rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -145,3 +149,21 @@ def evaluate_multiset(loaded, *, split: str = "test", root=None, out: str | Path
     }
     return write_outputs(report, out_dir, y_saved, p_saved, labels,
                          f"{run_dir.name}: {split} split of {' + '.join(names)} (pooled)", started)
+
+
+def evaluate_multiset_external(loaded, shard_dir: Path, *, split: str = "test", label_map=None,
+                               out: str | Path | None = None, n_boot: int, seed: int, batch_size: int = 64,
+                               workers: int = 0, format: str = "auto", log: Callable[[str], None] | None = None) -> dict:
+    """A multi-set run on another shard set: `trainer.external.evaluate_external` with the pooled test split of
+    the run's own sets (RUN/eval/) as the internal side."""
+    from trainer.external import _reusable_internal, evaluate_external, run_card_sha256
+
+    log = log or (lambda _msg: None)
+    common = dict(n_boot=n_boot, seed=seed, batch_size=batch_size, workers=workers, format=format, log=log)
+    if _reusable_internal(loaded, run_card_sha256(loaded), list(loaded.inference.labels)) is None:
+        log(f"the internal side is the pooled test split of the run's own sets: evaluating it first "
+            f"({loaded.run_dir / 'eval'})")
+        evaluate_multiset(loaded, split="test", **common)
+    names = [s["name"] for s in loaded.inference.checkpoint.get("sets") or []]
+    as_one = dataclasses.replace(loaded, card={**loaded.card, "name": "+".join(names)})
+    return evaluate_external(as_one, shard_dir, split=split, label_map=label_map, out=out, **common)
