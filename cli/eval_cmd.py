@@ -67,6 +67,51 @@ def print_report(report: dict, title: str | None = None) -> None:
     console.print(f"wrote {eval_dir}/: report.md, report.json, predictions.parquet, roc.png, pr.png")
 
 
+def external_table(report: dict) -> Table:
+    """Internal vs external: per matched label, AUROC [95% CI] on the run's own test split and on the
+    other set, and the difference; then macro AUROC over the matched labels."""
+    ext = report["external"]
+    own, other = ext["run_shard_set"].get("name"), report["shard_set"].get("name")
+    table = Table(title=f"internal ({own}, test) vs external ({other}, {report['split']}): AUROC [95% CI]",
+                  title_justify="left")
+    table.add_column("label (shared name)", no_wrap=True)
+    table.add_column(f"internal {own}", justify="right")
+    table.add_column(f"external {other}", justify="right")
+    table.add_column("difference", justify="right")
+
+    def cell(side: dict | None) -> str:
+        if side is None:
+            return "-"
+        if side["auroc"] is None:
+            return "[dim]undefined[/]"
+        ci = f" [{side['low']:.3f}, {side['high']:.3f}]" if side.get("low") is not None else ""
+        return f"{side['auroc']:.3f}{ci}"
+
+    names = {m["shared"]: m for m in ext["labels"]["matched"]}
+    for row in ext["comparison"]:
+        m = names[row["label"]]
+        label = row["label"] + (f" ({m['set']})" if m["set"] != row["label"] else "")
+        diff = "-" if row["difference"] is None else f"{row['difference']:+.3f}"
+        table.add_row(label, cell(row["internal"]), cell(row["external"]), diff)
+    macro = ext["comparison_macro"]
+    table.add_section()
+    diff = "-" if macro["difference"] is None else f"{macro['difference']:+.3f}"
+    table.add_row("[bold]macro[/]", cell(macro["internal"]), cell(macro["external"]), diff)
+    return table
+
+
+def print_external(report: dict) -> None:
+    ext = report["external"]
+    labels = ext["labels"]
+    console.print(external_table(report))
+    console.print(f"internal numbers: {ext['internal']['source']}; thresholds: {report['thresholds']['from']}",
+                  highlight=False)
+    console.print(f"label map: {labels['map']}; run labels the set lacks: {', '.join(labels['run_only']) or 'none'}; "
+                  f"set labels the run lacks: {', '.join(labels['set_only']) or 'none'}", highlight=False)
+    if ext["preprocessing"].get("views_note"):
+        console.print(ext["preprocessing"]["views_note"], highlight=False)
+
+
 @app.command("eval")
 def eval_command(
     run: str = typer.Option(..., "--run", help="Run folder written by `cxr train --out RUN`."),
@@ -80,16 +125,27 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help="CSV source,label,shared over the built-in label map: how the run's labels meet another shard set's (external evaluation)."),
 ) -> None:
-    """Evaluate a run: report.json, report.md, predictions.parquet, roc.png, pr.png in RUN/eval/."""
+    """Evaluate a run: report.json, report.md, predictions.parquet, roc.png, pr.png in RUN/eval/.
+
+    With --shards naming another shard set than the run's own: an external evaluation, in RUN/eval/NAME/,
+    with the internal vs external table."""
     from trainer.evaluate import EvalError, evaluate_run
 
     if split not in ("train", "valid", "test"):
         raise EvalError(f"--split {split!r}: expected test, valid or train")
     report = evaluate_run(run, ckpt=ckpt, split=split, shards=shards, root=root, out=out, n_boot=bootstrap,
-                          seed=seed, device=device, batch_size=batch_size, workers=workers,
+                          seed=seed, device=device, batch_size=batch_size, workers=workers, label_map=label_map,
                           log=lambda msg: console.print(f"[dim]{msg}[/]"))
-    print_report(report)
+    print_report(report, title=f"{report['run']}: {report['split']} split, pooled over "
+                 f"{', '.join(report['per_set'])} ({report['metrics']['n_samples']} images)" if report.get("per_set") else None)
+    for name, part in (report.get("per_set") or {}).items():
+        m = part["metrics"]
+        console.print(summary_table({**report, **part}, title=f"{name}: {report['split']} split ({m['n_samples']} "
+                                    f"images, {m.get('n_patients')} patients)"))
+    if report.get("external"):
+        print_external(report)
 
 
 @app.command("predict")

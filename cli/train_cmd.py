@@ -6,8 +6,9 @@ applies. Under torchrun every rank runs this command; only rank 0 prints and wri
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -23,7 +24,7 @@ def _d(name: str) -> str:
 
 @app.command("train")
 def train(
-    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME (under --root) or path to its folder."),
+    shards: Optional[List[str]] = typer.Option(None, "--shards", help="Shard set NAME (under --root) or path to its folder; several (A,B or repeated) train one run over all of them."),
     root: Optional[str] = typer.Option(None, "--root", help="Shard root (default: $CXR_SHARDS or ./shards)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder, e.g. runs/nih-r18."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/YAML/JSON file of options; flags override it."),
@@ -36,6 +37,9 @@ def train(
     format: Optional[str] = typer.Option(None, "--format", help="Reader format: auto|wds|hdf5." + _d("format")),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _d("workers")),
     shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer", help="Reader shuffle buffer (samples)." + _d("shuffle_buffer")),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Several shard sets: samples per set each epoch: proportional (all of each) | equal (the smallest set's count from each) | W1,W2,... (shares)." + _d("mix")),
+    select_on: Optional[str] = typer.Option(None, "--select-on", help="Several shard sets: pick best.pt on this set's valid macro AUROC (default: the pooled valid)."),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="CSV source,label,shared over the built-in label map (manifests/label_map.csv)."),
     # model
     model: Optional[str] = typer.Option(None, "--model", help="resnet18|resnet34|resnet50|resnet101|densenet121|densenet169." + _d("model")),
     init: Optional[str] = typer.Option(None, "--init", help="scratch | imagenet | PATH of a cxr checkpoint (backbone transfer)." + _d("init")),
@@ -76,6 +80,8 @@ def train(
 
     overrides = {k: v for k, v in locals().items()
                  if k not in ("config", "resume", "resume_from", "fit", "distributed") and v is not None}
+    if shards is not None:
+        overrides["shards"] = [part for value in shards for part in value.split(",")]
     if resume_from is not None:
         overrides["resume"] = resume_from
     elif resume:
@@ -96,10 +102,14 @@ def _summary(run_dir: Path) -> None:
     if not rows:
         return
 
+    select_on = json.loads((run_dir / "config.json").read_text()).get("select_on")
+    column = f"val_auroc_macro_{select_on}" if select_on else "val_auroc_macro"
+
     def score(row: dict) -> float:
-        value = float(row["val_auroc_macro"])
+        value = float(row[column])
         return value if value == value else float("-inf")
 
     best = max(rows, key=score)
-    console.print(f"[bold green]done[/]: {run_dir} ({len(rows)} epochs); best val macro AUROC "
-                  f"{best['val_auroc_macro']} at epoch {best['epoch']} -> {run_dir / 'best.pt'}", highlight=False, soft_wrap=True)
+    console.print(f"[bold green]done[/]: {run_dir} ({len(rows)} epochs); best val macro AUROC"
+                  f"{' on ' + select_on if select_on else ''} {best[column]} at epoch {best['epoch']} -> "
+                  f"{run_dir / 'best.pt'}", highlight=False, soft_wrap=True)

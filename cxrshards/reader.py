@@ -348,6 +348,11 @@ class ShardStream(IterableDataset):
             self._selected = np.flatnonzero(hit).astype(np.int64)
         self._plan_cache = None
 
+    def set_rows(self, rows: np.ndarray) -> None:
+        """Read only these row positions of the stored order (sorted, unique): `set_keys` by position."""
+        self._selected = np.asarray(rows, dtype=np.int64)
+        self._plan_cache = None
+
     # -- plan ------------------------------------------------------------------------------------------
     @property
     def num_selected(self) -> int:
@@ -369,16 +374,20 @@ class ShardStream(IterableDataset):
         key = (self.epoch, self.seed, self.shuffle, self.rank, self.world_size, self.batch_size)
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
+        rp = planning.rank_plan(self.epoch_order(), self.rank, self.world_size, self.batch_size,
+                                contiguous_workers=self.format == "wds")
+        self._plan_cache = (key, rp)
+        return rp
+
+    def epoch_order(self) -> np.ndarray:
+        """The selected rows in this epoch's order, over all ranks (positions into the stored order)."""
         sel = self._selected
         if self.format == "wds":
             order = planning.wds_order(self._shard_code[sel], len(self._shard_names), self.seed, self.epoch,
                                        self.shuffle)
         else:
             order = planning.h5_order(len(sel), self.seed, self.epoch, self.shuffle)
-        rp = planning.rank_plan(sel[order], self.rank, self.world_size, self.batch_size,
-                                contiguous_workers=self.format == "wds")
-        self._plan_cache = (key, rp)
-        return rp
+        return sel[order]
 
     def __len__(self) -> int:
         n = len(self._selected)
@@ -405,6 +414,29 @@ class ShardStream(IterableDataset):
             rng = planning.epoch_rng(self.seed, self.epoch, self.rank, worker)
             records = _shuffle_buffer(records, self.shuffle_buffer, rng)
         return self._emit_wds(records, wp.sizes, _Decoder(pixels.decode, self.size))
+
+    def iter_images(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, uint8 S x S image) for each of `rows`, for readers that make their own batches
+        (`cxrshards.mix`). hdf5: in the order given. wds: each tar read once in the order given, then through
+        the shuffle buffer when `rng` is given (so rows may come out in another order, each exactly once)."""
+        from cxrshards import pixels
+
+        if self.format == "hdf5":
+            h5 = _H5Images(self.shard_dir / f"{self.split}.h5")
+            try:
+                for row in rows.tolist():
+                    img = np.empty((self.size, self.size), dtype=np.uint8)
+                    h5.read_into(int(self._h5_index[row]), img)
+                    yield row, img
+            finally:
+                h5.close()
+            return
+        records = self._wds_records(rows)
+        if rng is not None and self.shuffle_buffer > 1:
+            records = _shuffle_buffer(records, self.shuffle_buffer, rng)
+        decode = _Decoder(pixels.decode, self.size)
+        for row, data, codec in records:
+            yield row, self._decode(decode, data, codec, row)
 
     def _wds_records(self, rows: np.ndarray) -> Iterator[tuple[int, bytes, str]]:
         """(row, encoded image, codec) for `rows`, in tar order, reading each tar once and sequentially."""

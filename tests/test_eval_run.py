@@ -1,5 +1,5 @@
 """End to end: a tiny trained run -> `cxr eval` -> RUN/eval/, numbers equal sklearn's on the saved
-predictions; missing run / checkpoint / shard set and a foreign shard set give one-line errors."""
+predictions; missing run / checkpoint / shard set and a shard set of another size give one-line errors."""
 from __future__ import annotations
 
 import json
@@ -85,7 +85,7 @@ def test_cli_eval_prints_table(tiny_run):
 def test_one_line_errors(tiny_run, tmp_path):
     root, shard_dir, run = tiny_run
     app = _cli()
-    other = make_shard_set(tmp_path, "other-16", counts={"train": 4, "valid": 2, "test": 2}, seed=3)
+    other = make_shard_set(tmp_path, "other-8", counts={"train": 4, "valid": 2, "test": 2}, size=8, seed=3)
     no_best = tmp_path / "no-best"
     no_best.mkdir()
     shutil.copy(run / "config.json", no_best / "config.json")
@@ -95,7 +95,8 @@ def test_one_line_errors(tiny_run, tmp_path):
         (["eval", "--run", str(no_best)], "has not finished an epoch"),
         (["eval", "--run", str(run), "--ckpt", str(tmp_path / "x.pt")], "no checkpoint at"),
         (["eval", "--run", str(run), "--shards", str(tmp_path / "missing-16")], "build it first with `cxr shard build"),
-        (["eval", "--run", str(run), "--shards", str(other)], "is not the one"),
+        # another shard set is an external evaluation (tests/test_eval_external.py); another size cannot be
+        (["eval", "--run", str(run), "--shards", str(other)], "--size 16"),
         (["predict", str(tmp_path / "a.png"), "--run", str(tmp_path / "nope")], "train one first"),
     ]
     for args, needle in cases:

@@ -29,7 +29,8 @@ class ConfigError(CxrError):
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data: which shard set, which labels, which samples each epoch
-    shards: str = ""                        # shard set name (under root) or path to its folder
+    shards: tuple[str, ...] = ()            # shard set names (under root) or folder paths; several = one run over
+                                            # all (cxrshards.mix); a "a,b" string is split at commas
     root: str | None = None                 # shard root; None: $CXR_SHARDS or ./shards
     format: str = "auto"                    # reader format: auto | wds | hdf5
     labels: tuple[str, ...] = ()            # subset of the card's labels; () = all of them
@@ -37,6 +38,9 @@ class TrainConfig:
     max_per_label: int = 0                  # per-label cap of train positives, fresh draw each epoch; 0 = off
     workers: int = 2                        # DataLoader worker processes
     shuffle_buffer: int = 1000              # reader shuffle buffer (samples)
+    mix: str = "proportional"               # several sets: proportional | equal | W1,W2,... (cxrshards.mix)
+    select_on: str | None = None            # several sets: best.pt on this set's valid macro AUROC; None = pooled
+    label_map: str | None = None            # CSV source,label,shared over the built-in label map (manifests.labelmap)
 
     # --- model
     model: str = "resnet18"                 # resnet18|34|50|101, densenet121|169 (1-channel input)
@@ -80,9 +84,16 @@ class TrainConfig:
     out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, card.json
     resume: str | None = None               # None | "last" (OUT/last.pt) | path to a checkpoint
 
+    def __post_init__(self) -> None:
+        # A single set may be given as a plain string (old config.json files, TrainConfig(shards="nih-224")).
+        object.__setattr__(self, "shards", _coerce("shards", self.shards, "shards") or ())
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-able dict (tuples become lists; one shard set stays a string, as before several)."""
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        if len(self.shards) == 1:
+            values["shards"] = self.shards[0]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
@@ -141,6 +152,19 @@ class TrainConfig:
             raise ConfigError(f"--normalize {self.normalize}: expected MEAN,STD with STD > 0, e.g. 0.5,0.5")
         if self.loss == "ce" and self.task == "multilabel":
             raise ConfigError("--loss ce is for --task binary (2 logits); use bce, bce-pos-weight or focal")
+        if len(set(self.shards)) != len(self.shards):
+            raise ConfigError(f"--shards {','.join(self.shards)}: a shard set is listed twice")
+        if len(self.shards) < 2 and self.mix != "proportional":
+            raise ConfigError(f"--mix {self.mix}: mixing needs several shard sets (--shards A,B)")
+        if len(self.shards) >= 2:
+            from cxrshards.mix import MixError, parse_mix
+
+            try:
+                parse_mix(self.mix, len(self.shards))
+            except MixError as exc:
+                raise ConfigError(str(exc)) from None
+        if len(self.shards) < 2 and self.select_on is not None:
+            raise ConfigError(f"--select-on {self.select_on}: needs several shard sets (--shards A,B)")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"--labels {','.join(self.labels)}: a label is listed twice")
 
@@ -154,6 +178,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(str(v) for v in value)
+        if key == "shards":
+            if isinstance(value, str):
+                value = value.split(",")
+            return tuple(str(v).strip() for v in value if str(v).strip())
         if key == "views":
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -173,7 +201,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if key in ("shards", "root", "format", "model", "init", "imagenet_weights", "task", "loss",
+        if key in ("mix", "select_on", "label_map", "root", "format", "model", "init", "imagenet_weights", "task", "loss",
                    "optimizer", "scheduler", "augment", "precision", "device", "out", "resume"):
             return str(value)
     except (TypeError, ValueError):

@@ -1,13 +1,19 @@
 """`make demo` / `cxr demo --out demo`: the whole tool on phantom data, in a few minutes on a laptop CPU.
 
-1. phantom raw trees in the real NIH and cardiomegaly layouts (`cxr demo-data`);
-2. shard sets of both at a small size (`cxr shard build`);
+1. phantom raw trees in the real NIH, cardiomegaly and MIMIC-CXR-JPG layouts (`cxr demo-data`);
+2. shard sets of all three at a small size (`cxr shard build`);
 3. resnet18 trained on the NIH phantoms (`cxr train`);
 4. fine-tuned on the cardiomegaly phantoms from the NIH checkpoint (`cxr train --init RUN/best.pt`);
-5. both runs evaluated on their test splits (`cxr eval`).
+5. both runs evaluated on their test splits (`cxr eval`);
+6. external validation: the NIH run evaluated on the MIMIC phantoms (`cxr eval --run runs/nih --shards
+   mimic-SIZE`), labels matched through the shared names (NIH Effusion = MIMIC Pleural Effusion).
 
 Everything through library calls, one function: `run_demo(out, ...)`. The layout of OUT:
-raw/{nih,cardiomegaly}, shards/{nih-SIZE,cardiomegaly-SIZE}, runs/{nih,cardiomegaly} (each with eval/).
+raw/{nih,cardiomegaly,mimic}, shards/{nih-SIZE,cardiomegaly-SIZE,mimic-SIZE}, runs/{nih,cardiomegaly}
+(each with eval/; the NIH run's external evaluation in runs/nih/eval/mimic-SIZE/).
+
+The MIMIC phantom set is only ever evaluated, never trained on, so its patients are split
+`--split random --ratios 0.2,0.1,0.7`: most of them land in the test split that step 6 scores.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ class DemoConfig:
     # phantom data
     n_nih: int = 2000                 # phantom NIH images (official-style lists: ~20% test patients)
     n_cardiomegaly: int = 600         # phantom cardiomegaly images
+    n_mimic: int = 1200               # phantom MIMIC images (one AP film per subject survives the cohort rule)
+    mimic_ratios: tuple[float, float, float] = (0.2, 0.1, 0.7)   # MIMIC patients: train:valid:test
     image_size: int = 128             # side of the generated raw images (real NIH: 1024)
     # shards
     size: int = 64                    # shard image side
@@ -65,8 +73,9 @@ def _count(card: dict) -> str:
 
 
 def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **overrides) -> dict:
-    """Run the demo end to end (`config`, or DemoConfig(**overrides)); returns a summary dict with both
-    evaluation reports under "reports" ("nih", "cardiomegaly"). Also written to OUT/demo.json."""
+    """Run the demo end to end (`config`, or DemoConfig(**overrides)); returns a summary dict with the
+    evaluation reports under "reports" ("nih", "cardiomegaly", and "nih_on_mimic": the external one).
+    Also written to OUT/demo.json."""
     import torch
 
     from cxrshards.build import BuildConfig, build_shards
@@ -85,7 +94,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     _prepare_out(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    steps = 5
+    steps = 6
 
     def step(i: int, text: str) -> float:
         echo(f"\n[{i}/{steps}] {text}")
@@ -100,11 +109,13 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
 
     # 1. phantom raw trees
     t0 = step(1, "Generating phantom raw data in the real layouts (`cxr demo-data`)")
-    raw = {"nih": out / "raw" / "nih", "cardiomegaly": out / "raw" / "cardiomegaly"}
+    raw = {"nih": out / "raw" / "nih", "cardiomegaly": out / "raw" / "cardiomegaly", "mimic": out / "raw" / "mimic"}
     make_demo_data("nih", raw["nih"], cfg.n_nih, cfg.image_size, cfg.seed)
     echo(f"      {raw['nih']}/: {cfg.n_nih} NIH-style {cfg.image_size} px PNGs + Data_Entry_2017_v2020.csv")
     make_demo_data("cardiomegaly", raw["cardiomegaly"], cfg.n_cardiomegaly, cfg.image_size, cfg.seed + 1)
     echo(f"      {raw['cardiomegaly']}/: {cfg.n_cardiomegaly} images in normal/ and abnormal/")
+    make_demo_data("mimic", raw["mimic"], cfg.n_mimic, cfg.image_size, cfg.seed + 2)
+    echo(f"      {raw['mimic']}/: {cfg.n_mimic} MIMIC-CXR-JPG-style JPGs + metadata/negbio/chexpert/split tables")
     done("data", t0)
 
     # 2. shard sets
@@ -115,8 +126,10 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
         "nih": ManifestOptions(source="nih", seed=cfg.seed),
         # two films of one phantom patient share the personNNNN_ prefix: keep them in one split
         "cardiomegaly": ManifestOptions(source="cardiomegaly", seed=cfg.seed, patient_pattern=r"person(\d+)_"),
+        # only evaluated (step 6): most patients in test
+        "mimic": ManifestOptions(source="mimic", seed=cfg.seed, split="random", ratios=tuple(cfg.mimic_ratios)),
     }
-    for source in ("nih", "cardiomegaly"):
+    for source in ("nih", "cardiomegaly", "mimic"):
         # workers=1 builds inline: worker processes forked from a process that has imported torch can hang
         result = build_shards(BuildConfig(source=source, raw=raw[source], size=cfg.size, format="both",
                                           out=shard_root, seed=cfg.seed, workers=1, quiet=True),
@@ -152,6 +165,18 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
         echo(f"      {runs[name]}/eval/: report.md, report.json, predictions.parquet, roc.png, pr.png")
     done("eval", t0)
 
+    # 6. external validation
+    mimic_set = cards["mimic"]["name"]
+    t0 = step(6, f"External validation: the NIH run on the MIMIC phantoms (`cxr eval --run {runs['nih']} "
+                 f"--shards {mimic_set}`)")
+    reports["nih_on_mimic"] = evaluate_run(runs["nih"], shards=str((shard_root / mimic_set).resolve()),
+                                           device=cfg.device, n_boot=cfg.n_boot, workers=cfg.workers)
+    labels = reports["nih_on_mimic"]["external"]["labels"]
+    echo(f"      matched through the shared names: "
+         + ", ".join(m["shared"] + (f" (MIMIC {m['set']})" if m["set"] != m["shared"] else "") for m in labels["matched"]))
+    echo(f"      {runs['nih']}/eval/{mimic_set}/: report.md (internal vs external table), predictions.parquet")
+    done("external", t0)
+
     total = round(time.perf_counter() - started, 1)
     summary = {
         "config": asdict(cfg),
@@ -159,6 +184,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
         "timings": timings,
         "paths": {"raw": {k: str(v) for k, v in raw.items()},
                   "shards": {k: str(shard_root / c["name"]) for k, c in cards.items()},
+                  "external": str(runs["nih"] / "eval" / mimic_set),
                   "runs": {k: str(v) for k, v in runs.items()}},
         "macro_auroc": {k: r["metrics"]["macro_auroc"] for k, r in reports.items()},
         "reports": reports,

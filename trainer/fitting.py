@@ -3,6 +3,10 @@
 Reads: the shard set's card (labels, pixel stats) and, for the per-label cap or pos_weight, its
 manifest. Writes (rank 0 only): RUN/config.json, card.json, metrics.csv, last.pt (every epoch),
 best.pt (best validation macro AUROC), all atomically.
+Several shard sets (`--shards A,B`) are read as one by `cxrshards.mix` (its rules: labels in shared names,
+the --mix, pooled normalisation); such a run writes RUN/cards/NAME.json per set instead of card.json,
+validates on each set's valid split and on the pooled one, and picks best.pt on the pooled macro AUROC
+(or --select-on NAME's).
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ import torch
 from torch import nn
 
 import cxrshards
+from cxrshards import mix
 from manifests import __version__
 from manifests.atomic import atomic_path, write_bytes_atomic
 from manifests.errors import CxrError
+from manifests.labelmap import LabelMap, load_label_map
 from manifests.lock import folder_lock
 from manifests.sampling import cap_sample
 from manifests.table import read_manifest
@@ -106,16 +112,87 @@ def _select_views(table, views: tuple[str, ...], shard_dir: Path):
     return kept
 
 
+@dataclass
+class RunData:
+    """Where a run's samples come from: one shard set, or several read as one (`cxrshards.mix`)."""
+    labels: list[str]                # the run's labels: the card's names (one set), shared names (several)
+    label_index: list[int] | None    # columns of the stream's labels trained on; None: all, as yielded
+    shared_labels: list[str]         # the run's labels in shared names
+    mean: float
+    std: float
+    sha: str                         # the card's sha256, or sha256 of the sets' card sha256s (one per line)
+    name: str                        # for the log
+    shard_dir: Path | None           # one set
+    sets: list[mix.MixSet] | None    # several sets
+
+    def table(self, views: tuple[str, ...]):
+        """Manifest rows (views applied): the per-label cap and pos_weight draw on them."""
+        if self.sets is None:
+            return _select_views(read_manifest(self.shard_dir / "manifest.parquet").table, views, self.shard_dir)
+        combined = mix.combined_table(self.sets, self.labels)
+        import pandas as pd
+
+        return pd.concat([_select_views(combined[combined["set"] == s.name], views, s.shard_dir)
+                          for s in self.sets], ignore_index=True)
+
+    def open(self, cfg: TrainConfig, split: str, **kwargs):
+        if self.sets is None:
+            return cxrshards.open_shards(self.shard_dir, split, **kwargs)
+        return mix.open_mix(self.sets, split, self.labels, mix=cfg.mix if split == "train" else "proportional",
+                            **{k: v for k, v in kwargs.items() if k != "root"})
+
+    def write_cards(self, run_dir: Path) -> None:
+        if self.sets is None:
+            with atomic_path(run_dir / "card.json") as tmp:
+                shutil.copyfile(self.shard_dir / "dataset.json", tmp)
+            return
+        (run_dir / "cards").mkdir(exist_ok=True)
+        for s in self.sets:
+            with atomic_path(run_dir / "cards" / f"{s.name}.json") as tmp:
+                shutil.copyfile(s.shard_dir / "dataset.json", tmp)
+
+    def checkpoint_fields(self, label_map: LabelMap) -> dict[str, Any]:
+        fields = {"shared_labels": self.shared_labels, "label_map": label_map.to_rows()}
+        if self.sets is not None:
+            fields["sets"] = [{"name": s.name, "path": str(s.shard_dir), "source": s.source,
+                               "card_sha256": card_sha256(s.shard_dir), "labels": list(s.card["labels"])}
+                              for s in self.sets]
+        return fields
+
+
+def run_data(cfg: TrainConfig, label_map: LabelMap) -> RunData:
+    """Labels, normalisation and card identity of the run's shard set(s)."""
+    if len(cfg.shards) > 1:
+        sets = mix.resolve_sets(cfg.shards, cfg.root, label_map)
+        if cfg.select_on is not None and cfg.select_on not in [s.name for s in sets]:
+            raise ConfigError(f"--select-on {cfg.select_on!r}: not one of this run's shard sets "
+                              f"({', '.join(s.name for s in sets)})")
+        labels = mix.union_labels(sets, cfg.labels)
+        mean, std = (float(cfg.normalize[0]), float(cfg.normalize[1])) if cfg.normalize is not None \
+            else mix.pooled_normalisation(sets)
+        sha = hashlib.sha256("".join(card_sha256(s.shard_dir) + "\n" for s in sets).encode()).hexdigest()
+        return RunData(labels, None, list(labels), mean, std, sha, "+".join(s.name for s in sets), None, sets)
+    shard_dir = cxrshards.resolve_shard_dir(cfg.shards[0], cfg.root)
+    card = cxrshards.read_card(shard_dir)
+    labels, label_index = resolve_labels(list(card["labels"]), cfg.labels)
+    mean, std = _normalisation(cfg, card)
+    if not card.get("splits", {}).get("valid", {}).get("count", 1):
+        raise CxrError(f"shard set {shard_dir} has no valid samples: validation needs the valid split")
+    shared = label_map.shared_labels(str(card.get("source", "")), labels)
+    return RunData(labels, label_index, shared, mean, std, card_sha256(shard_dir), shard_dir.name, shard_dir, None)
+
+
 def _config_changes(old: dict, new: TrainConfig) -> list[str]:
     now = new.to_dict()
     return [k for k in now if k not in RESUMABLE_CHANGES and k in old and old[k] != now[k]]
 
 
-def _check_resume(state: dict, cfg: TrainConfig, sha: str, labels: list[str], shard_dir: Path) -> None:
+def _check_resume(state: dict, cfg: TrainConfig, sha: str, labels: list[str], data: RunData) -> None:
     where = state["path"]
     if state.get("card_sha256") != sha:
+        cards = data.shard_dir / "dataset.json" if data.sets is None else f"the cards of {data.name}"
         raise CheckpointError(f"{where} was trained on another shard set: its card sha256 is "
-                              f"{str(state.get('card_sha256'))[:12]}..., {shard_dir / 'dataset.json'} has {sha[:12]}...")
+                              f"{str(state.get('card_sha256'))[:12]}..., {cards} has {sha[:12]}...")
     if list(state["labels"]) != labels:
         raise CheckpointError(f"{where} was trained on labels {', '.join(state['labels'])}, this run has "
                               f"{', '.join(labels)}")
@@ -177,18 +254,27 @@ class Validation:
     micro: float
     per_label: np.ndarray        # AUROC per label, NaN where undefined
     samples: int
+    per_set: dict[str, float] = dataclasses.field(default_factory=dict)   # several sets: macro AUROC of each
+
+
 
 
 def validate(model: nn.Module, loader, loss_fn, device: torch.device, *, head: str, mean: float, std: float,
-             label_index, precision: str, channels_last: bool) -> Validation:
-    """Loss and AUROC on the valid split (every rank's rows gathered, so all ranks get the same numbers)."""
-    logits, y, _keys = predict_logits(model, loader, device, mean=mean, std=std, label_index=label_index,
-                                      precision=precision, channels_last=channels_last)
+             label_index, precision: str, channels_last: bool, sets: list[str] | None = None) -> Validation:
+    """Loss and AUROC on the valid split (every rank's rows gathered, so all ranks get the same numbers).
+    `sets`: the set names of a mixed stream (keys NAME/KEY); each gets its own macro AUROC too."""
+    logits, y, keys = predict_logits(model, loader, device, mean=mean, std=std, label_index=label_index,
+                                     precision=precision, channels_last=channels_last)
     if not len(y):
         return Validation(float("nan"), float("nan"), float("nan"), np.full(0, np.nan), 0)
     probs, y_np = probabilities(logits, head).numpy(), y.numpy()
+    per_set = {}
+    if sets:
+        of = np.array([mix.split_key(k)[0] for k in keys])
+        per_set = {name: macro_auroc(y_np[of == name], probs[of == name]) for name in sets}
     return Validation(loss=float(loss_fn(logits, y).item()), macro=macro_auroc(y_np, probs),
-                      micro=micro_auroc(y_np, probs), per_label=auroc_per_label(y_np, probs), samples=len(y_np))
+                      micro=micro_auroc(y_np, probs), per_label=auroc_per_label(y_np, probs), samples=len(y_np),
+                      per_set=per_set)
 
 
 def _metrics_row(epoch: int, stats: EpochStats, val: Validation, labels: list[str]) -> dict[str, Any]:
@@ -197,6 +283,7 @@ def _metrics_row(epoch: int, stats: EpochStats, val: Validation, labels: list[st
            "samples_per_s": _fmt(stats.samples_per_s), "data_wait_frac": _fmt(stats.wait_fraction),
            "train_samples": stats.samples, "val_samples": val.samples, "epoch_s": _fmt(stats.seconds)}
     row.update({f"auroc_{name}": _fmt(float(a)) for name, a in zip(labels, val.per_label)})
+    row.update({f"val_auroc_macro_{name}": _fmt(a) for name, a in val.per_set.items()})
     return row
 
 
@@ -240,14 +327,10 @@ def fit(cfg: TrainConfig, log: Log | None = None) -> Path:
 
 def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log: Log) -> Path:
     run_dir = Path(cfg.out)
-    shard_dir = cxrshards.resolve_shard_dir(cfg.shards, cfg.root)
-    card = cxrshards.read_card(shard_dir)
-    sha = card_sha256(shard_dir)
-    labels, label_index = resolve_labels(list(card["labels"]), cfg.labels)
+    label_map = load_label_map(cfg.label_map)
+    data = run_data(cfg, label_map)
+    sha, labels, label_index, mean, std = data.sha, data.labels, data.label_index, data.mean, data.std
     task, head, n_outputs = resolve_task(cfg.task, cfg.loss, len(labels))
-    mean, std = _normalisation(cfg, card)
-    if not card.get("splits", {}).get("valid", {}).get("count", 1):
-        raise CxrError(f"shard set {shard_dir} has no valid samples: validation needs the valid split")
 
     # -- resume or fresh start
     state = None
@@ -257,7 +340,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}"
                                   + (" (the run never finished an epoch)" if cfg.resume == "last" else ""))
         state = load_checkpoint(ckpt)
-        _check_resume(state, cfg, sha, labels, shard_dir)
+        _check_resume(state, cfg, sha, labels, data)
     elif (run_dir / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it or pick another --out")
 
@@ -294,7 +377,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     # -- data
     table = None
     if cfg.max_per_label or cfg.loss == "bce-pos-weight" or cfg.views:
-        table = _select_views(read_manifest(shard_dir / "manifest.parquet").table, cfg.views, shard_dir)
+        table = data.table(cfg.views)
     pos_weight = None
     if cfg.loss == "bce-pos-weight":
         pos_weight = torch.from_numpy(pos_weight_from_table(table, labels))
@@ -302,9 +385,9 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     loss_fn = make_loss(cfg.loss, pos_weight=pos_weight, gamma=cfg.focal_gamma, alpha=cfg.focal_alpha)
     common = dict(root=None, format=cfg.format, seed=cfg.seed, batch_size=cfg.batch_size,
                   rank=info.rank, world_size=info.world_size)
-    train_stream = cxrshards.open_shards(shard_dir, "train", epoch=start_epoch, shuffle=True,
-                                         shuffle_buffer=cfg.shuffle_buffer, **common)
-    valid_stream = cxrshards.open_shards(shard_dir, "valid", shuffle=False, **common)
+    train_stream = data.open(cfg, "train", epoch=start_epoch, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
+                             **common)
+    valid_stream = data.open(cfg, "valid", shuffle=False, **common)
     if cfg.views:
         valid_stream.set_keys(table.loc[table["split"] == "valid", "key"].tolist())
     loader_args = dict(batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -318,14 +401,13 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
         run_dir.mkdir(parents=True, exist_ok=True)
         saved = dataclasses.replace(cfg, resume=None).to_dict()
         write_bytes_atomic(run_dir / "config.json", (json.dumps(saved, indent=2) + "\n").encode())
-        with atomic_path(run_dir / "card.json") as tmp:
-            shutil.copyfile(shard_dir / "dataset.json", tmp)
+        data.write_cards(run_dir)
     rows: list[dict[str, Any]] = _read_metrics(run_dir / "metrics.csv", start_epoch) if state is not None else []
 
     spec = AugmentSpec(flip=cfg.flip, light=cfg.augment == "light", mean=mean, std=std)
     lr_at = lambda s, progress: get_lr(s, progress, cfg)  # noqa: E731 - pure function of the position
     train_mode = lambda m: set_train_mode(m, cfg.model, cfg.stage)  # noqa: E731
-    log(f"train: {cfg.model} {task} on {len(labels)} label(s), {shard_dir.name}, device {device}"
+    log(f"train: {cfg.model} {task} on {len(labels)} label(s), {data.name}, device {device}"
         + (f" x{info.world_size} ranks" if info.enabled else "") + f", epochs {start_epoch + 1}..{cfg.epochs}")
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -339,8 +421,9 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
         step += stats.steps
         distributed.average_buffers(model)
         val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,
-                       precision=cfg.precision, channels_last=cfg.channels_last)
-        macro = val.macro
+                       precision=cfg.precision, channels_last=cfg.channels_last,
+                       sets=[s.name for s in data.sets] if data.sets else None)
+        macro = val.per_set[cfg.select_on] if cfg.select_on else val.macro
         improved = not math.isnan(macro) and macro > best
         if improved:
             best, best_epoch = macro, epoch + 1
@@ -354,16 +437,19 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                 "labels": labels, "task": task, "head": head, "card_sha256": sha,
                 "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
                 "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
+                **data.checkpoint_fields(label_map),
             }
             save_checkpoint(run_dir / "last.pt", ckpt)
             if improved or not (run_dir / "best.pt").exists():
                 save_checkpoint(run_dir / "best.pt", ckpt)
             _write_metrics(run_dir / "metrics.csv", rows)
         log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
-            f"val AUROC macro {macro:.4f} micro {val.micro:.4f}, {stats.samples_per_s:.1f} samples/s, "
+            f"val AUROC macro {val.macro:.4f} micro {val.micro:.4f}"
+            + "".join(f", {name} {a:.4f}" for name, a in val.per_set.items())
+            + f", {stats.samples_per_s:.1f} samples/s, "
             f"data wait {100 * stats.wait_fraction:.1f}%" + (" *" if improved else ""))
         if cfg.early_stop and epoch + 1 - best_epoch >= cfg.early_stop:
-            log(f"early stop: no better val macro AUROC for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
+            log(f"early stop: no better val macro AUROC{' of ' + cfg.select_on if cfg.select_on else ''} for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
             break
     distributed.barrier()
     hash_dir = os.environ.get(STATE_HASH_ENV)

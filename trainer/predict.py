@@ -71,7 +71,7 @@ class LoadedRun:
     run_dir: Path
     ckpt_path: Path
     inference: InferenceModel
-    card: dict                      # the shard card the run was trained on (RUN/card.json)
+    card: dict                      # the shard card the run was trained on (RUN/card.json; several sets: the first's)
     device: torch.device
 
 
@@ -82,6 +82,9 @@ def load_run(run: str | Path, ckpt: str | Path = "best", device: str | torch.dev
     dev = pick_device(device)
     inference = load_for_inference(ckpt_path, dev)
     card_path = run_dir / "card.json"
+    sets = inference.checkpoint.get("sets")
+    if sets and not card_path.is_file():   # a run over several sets (cxrshards.mix): preprocess as its first set
+        card_path = run_dir / "cards" / f"{sets[0]['name']}.json"
     if not card_path.is_file():
         raise RunError(f"{run_dir} has no card.json (the shard card of its training set): re-run "
                        f"`cxr train --out {run_dir} --resume` to restore it")

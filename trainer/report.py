@@ -98,6 +98,11 @@ def render_markdown(report: dict) -> str:
         out += ["", "Undefined (no positive or no negative in this split, left out of the macro averages): "
                 + ", ".join(f"`{n}`" for n in m["undefined_labels"]) + "."]
 
+    if report.get("external"):
+        out += external_section(report)
+    if report.get("per_set"):
+        out += per_set_section(report)
+
     refs = report.get("references") or []
     if refs:
         out += ["", "## Published figures", ""]
@@ -132,6 +137,67 @@ def render_markdown(report: dict) -> str:
     out += ["Files: `report.json` (every number here), `predictions.parquet` (key, patient_id, true labels, "
             "`prob_LABEL` per label), `valid_predictions.parquet` (the valid split the thresholds come from).", ""]
     return "\n".join(out)
+
+
+def per_set_section(report: dict) -> list[str]:
+    """A run over several shard sets: macro/micro AUROC on each set's split and on the pooled one."""
+    rows = []
+    parts = [(name, part["metrics"]) for name, part in report["per_set"].items()] + [("pooled", report["metrics"])]
+    for name, m in parts:
+        ci = m.get("macro_auroc_ci") or {}
+        ci_txt = f"{_f(ci.get('low'))} to {_f(ci.get('high'))}" if ci.get("low") is not None else "-"
+        rows.append([name, m["n_samples"], _f(m["macro_auroc"]), ci_txt, _f(m["micro_auroc"]),
+                     ", ".join(m["undefined_labels"]) or "-"])
+    return ["", "## Per shard set", "",
+            f"Thresholds for every set: {report['thresholds'].get('from', 'valid')}. A label a set lacks is "
+            "undefined on it.", "",
+            _table(["shard set", "images", "macro AUROC", "95% CI", "micro AUROC", "undefined labels"], rows)]
+
+
+def _auroc_ci(side: dict | None) -> str:
+    if side is None:
+        return "-"
+    if side["auroc"] is None:
+        return "undefined"
+    ci = f" [{side['low']:.3f}, {side['high']:.3f}]" if side.get("low") is not None else ""
+    return f"{side['auroc']:.4f}{ci}"
+
+
+def external_section(report: dict) -> list[str]:
+    """report.md of an external evaluation: the label match, how it was done, internal vs external."""
+    ext = report["external"]
+    labels, pre, internal = ext["labels"], ext["preprocessing"], ext["internal"]
+    own, other = ext["run_shard_set"].get("name"), report["shard_set"].get("name")
+    out = ["", "## Internal vs external", "",
+           f"The run was trained on `{own}` (source {ext['run_shard_set'].get('source')}); this is an **external** "
+           f"evaluation on `{other}` (source {report['shard_set'].get('source')}). Labels meet through shared names "
+           f"(label map: {labels['map']}).", ""]
+    rows = []
+    for row, m in zip(ext["comparison"], labels["matched"]):
+        diff = "-" if row["difference"] is None else f"{row['difference']:+.4f}"
+        rows.append([m["shared"], f"`{m['run']}`", f"`{m['set']}`", _auroc_ci(row["internal"]),
+                     _auroc_ci(row["external"]), diff])
+    macro = ext["comparison_macro"]
+    diff = "-" if macro["difference"] is None else f"{macro['difference']:+.4f}"
+    rows.append(["**macro**", "", "", _auroc_ci(macro["internal"]), _auroc_ci(macro["external"]), diff])
+    out.append(_table(["label (shared)", "run's name", "set's name", f"internal AUROC [95% CI] ({own} test)",
+                       f"external AUROC [95% CI] ({other} {report['split']})", "difference (ext - int)"], rows))
+    out += ["", "95% CIs: percentile bootstrap resampling patients, the same resamples (seed "
+            f"{(report['metrics'].get('macro_auroc_ci') or {}).get('seed')}) as the macro interval; "
+            "macro = mean over the matched labels defined on that side.", "",
+            f"- Run labels this set lacks: {', '.join(f'`{n}`' for n in labels['run_only']) or 'none'}.",
+            f"- Set labels the run lacks: {', '.join(f'`{n}`' for n in labels['set_only']) or 'none'}.",
+            f"- Internal numbers: {internal['source']}.",
+            f"- Thresholds (Youden per label): {report['thresholds'].get('from')}.",
+            f"- Pixels: {pre['pixels']}; the run's normalisation mean {pre['normalize'][0]:.4f}, "
+            f"std {pre['normalize'][1]:.4f}"
+            + (f" (the run's own set was built with fit {pre['run_fit']})" if pre.get("run_fit") != report["shard_set"].get("fit") else "")
+            + ".",
+            f"- Views: {pre['views_note'] or (', '.join(pre['views']) if pre.get('views') else 'all')}.",
+            "- Files here: `predictions.parquet` (this set, matched labels under their shared names), "
+            "`valid_predictions.parquet` (the run's own valid split: the thresholds), "
+            "`internal_predictions.parquet` (the run's own test split: the internal column)."]
+    return out
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
