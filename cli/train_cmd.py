@@ -73,6 +73,8 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model." + _d("compile")),
     device: Optional[str] = typer.Option(None, "--device", help="auto|cpu|cuda." + _d("device")),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of init, data order, augmentation." + _d("seed")),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--progress", help="No progress within epochs (the epoch lines stay)." + _d("quiet")),
+    log_every: Optional[float] = typer.Option(None, "--log-every", help="Seconds between progress lines when output is not a terminal (nohup, SLURM)." + _d("log_every")),
 ) -> None:
     """Train a ResNet/DenseNet on a shard set; writes config.json, metrics.csv, last.pt, best.pt."""
     from trainer import distributed

@@ -79,6 +79,8 @@ class TrainConfig:
     compile: bool = False                   # torch.compile the model
     device: str = "auto"                    # auto (cuda if available) | cpu | cuda
     seed: int = 0                           # model init, data order, augmentation
+    quiet: bool = False                     # no progress within epochs
+    log_every: float = 30.0                 # seconds between progress lines when output is not a terminal
 
     # --- run folder
     out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, card.json
@@ -131,7 +133,7 @@ class TrainConfig:
         choice("format", FORMATS)
         if not self.init:
             raise ConfigError("--init must be scratch, imagenet or a checkpoint path")
-        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
+        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
                     "step_size": self.step_size, "shuffle_buffer": self.shuffle_buffer}
         for name, value in positive.items():
             if not value > 0:
@@ -254,4 +256,4 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
 
 # Fields that may change between a run and its --resume: they do not change the arithmetic.
 RESUMABLE_CHANGES = frozenset({"epochs", "early_stop", "workers", "device", "out", "resume", "compile",
-                               "root", "shards"})
+                               "root", "shards", "quiet", "log_every"})

@@ -41,7 +41,8 @@ from trainer.augment import AugmentSpec
 from trainer.checkpoint import (CheckpointError, card_sha256, load_checkpoint, restore_rng, rng_state,
                                 save_checkpoint)
 from trainer.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
-from trainer.loop import EpochStats, predict_logits, train_one_epoch
+from trainer.watch import Progress, TensorBoard, plot_training_curves
+from trainer.loop import DivergenceError, EpochStats, divergence_message, predict_logits, train_one_epoch
 from trainer.losses import make_loss, pos_weight_from_table, probabilities
 from trainer.metrics import auroc_per_label, macro_auroc, micro_auroc
 from trainer.models import (apply_stage, build_model, imagenet_weights_path, load_imagenet, load_transfer,
@@ -255,6 +256,8 @@ class Validation:
     per_label: np.ndarray        # AUROC per label, NaN where undefined
     samples: int
     per_set: dict[str, float] = dataclasses.field(default_factory=dict)   # several sets: macro AUROC of each
+    y: np.ndarray | None = None             # labels [N, L] (NaN = not labelled), for the PR curves
+    probs: np.ndarray | None = None         # probabilities [N, L]
 
 
 
@@ -268,13 +271,16 @@ def validate(model: nn.Module, loader, loss_fn, device: torch.device, *, head: s
     if not len(y):
         return Validation(float("nan"), float("nan"), float("nan"), np.full(0, np.nan), 0)
     probs, y_np = probabilities(logits, head).numpy(), y.numpy()
+    if not np.isfinite(probs).all():   # diverged: no metrics; the epoch loop stops the run with its context
+        return Validation(float("nan"), float("nan"), float("nan"), np.full(len(y_np[0]), np.nan), len(y_np),
+                          y=y_np, probs=probs)
     per_set = {}
     if sets:
         of = np.array([mix.split_key(k)[0] for k in keys])
         per_set = {name: macro_auroc(y_np[of == name], probs[of == name]) for name in sets}
     return Validation(loss=float(loss_fn(logits, y).item()), macro=macro_auroc(y_np, probs),
                       micro=micro_auroc(y_np, probs), per_label=auroc_per_label(y_np, probs), samples=len(y_np),
-                      per_set=per_set)
+                      per_set=per_set, y=y_np, probs=probs)
 
 
 def _metrics_row(epoch: int, stats: EpochStats, val: Validation, labels: list[str]) -> dict[str, Any]:
@@ -410,50 +416,74 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     log(f"train: {cfg.model} {task} on {len(labels)} label(s), {data.name}, device {device}"
         + (f" x{info.world_size} ranks" if info.enabled else "") + f", epochs {start_epoch + 1}..{cfg.epochs}")
 
-    for epoch in range(start_epoch, cfg.epochs):
-        train_stream.set_epoch(epoch)
-        if table is not None:
-            train_stream.set_keys(epoch_keys(cfg, table, labels, epoch))
-        stats: EpochStats = train_one_epoch(
-            net, train_loader, optimizer, loss_fn, device, epoch=epoch, start_step=step, lr_at=lr_at,
-            augment=spec, seed=cfg.seed, rank=info.rank, label_index=label_index, precision=cfg.precision,
-            scaler=scaler, channels_last=cfg.channels_last, set_train_mode=train_mode)
-        step += stats.steps
-        distributed.average_buffers(model)
-        val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,
-                       precision=cfg.precision, channels_last=cfg.channels_last,
-                       sets=[s.name for s in data.sets] if data.sets else None)
-        macro = val.per_set[cfg.select_on] if cfg.select_on else val.macro
-        improved = not math.isnan(macro) and macro > best
-        if improved:
-            best, best_epoch = macro, epoch + 1
-        rows.append(_metrics_row(epoch + 1, stats, val, labels))
-        if info.is_main:
-            ckpt = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": schedule_state(cfg, step, float(epoch + 1), stats.lr), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "step": step, "rng": rng_state(),
-                "config": dataclasses.replace(cfg, resume=None).to_dict(),
-                "labels": labels, "task": task, "head": head, "card_sha256": sha,
-                "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
-                "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
-                **data.checkpoint_fields(label_map),
-            }
-            save_checkpoint(run_dir / "last.pt", ckpt)
-            if improved or not (run_dir / "best.pt").exists():
-                save_checkpoint(run_dir / "best.pt", ckpt)
-            _write_metrics(run_dir / "metrics.csv", rows)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
-            f"val AUROC macro {val.macro:.4f} micro {val.micro:.4f}"
-            + "".join(f", {name} {a:.4f}" for name, a in val.per_set.items())
-            + f", {stats.samples_per_s:.1f} samples/s, "
-            f"data wait {100 * stats.wait_fraction:.1f}%" + (" *" if improved else ""))
-        if cfg.early_stop and epoch + 1 - best_epoch >= cfg.early_stop:
-            log(f"early stop: no better val macro AUROC{' of ' + cfg.select_on if cfg.select_on else ''} for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
-            break
-    distributed.barrier()
-    hash_dir = os.environ.get(STATE_HASH_ENV)
-    if hash_dir:
-        Path(hash_dir).mkdir(parents=True, exist_ok=True)
-        (Path(hash_dir) / f"rank{info.rank}.sha256").write_text(state_sha256(model) + "\n")
+    progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet or not info.is_main, log_every=cfg.log_every)
+    board = TensorBoard(run_dir, enabled=info.is_main)
+    board.inputs_done = state is not None    # the input grid is written once per run, at its first batch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_stream.set_epoch(epoch)
+            if table is not None:
+                train_stream.set_keys(epoch_keys(cfg, table, labels, epoch))
+            progress.start_epoch(epoch, len(train_loader))
+            last: list = [None]
+
+            def on_batch(report, last=last) -> None:
+                last[0] = report
+                progress.update(report)
+                board.steps(report.losses)
+
+            stats: EpochStats = train_one_epoch(
+                net, train_loader, optimizer, loss_fn, device, epoch=epoch, start_step=step, lr_at=lr_at,
+                augment=spec, seed=cfg.seed, rank=info.rank, label_index=label_index, precision=cfg.precision,
+                scaler=scaler, channels_last=cfg.channels_last, set_train_mode=train_mode, on_batch=on_batch,
+                on_inputs=None if board.inputs_done else board.inputs)
+            progress.end_epoch(last[0])
+            step += stats.steps
+            distributed.average_buffers(model)
+            val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,
+                           precision=cfg.precision, channels_last=cfg.channels_last,
+                           sets=[s.name for s in data.sets] if data.sets else None)
+            if val.probs is not None and not np.isfinite(val.probs).all():
+                raise DivergenceError(divergence_message("a validation output", epoch, step - 1, stats.lr,
+                                                         float(val.probs[~np.isfinite(val.probs)][0])))
+            macro = val.per_set[cfg.select_on] if cfg.select_on else val.macro
+            improved = not math.isnan(macro) and macro > best
+            if improved:
+                best, best_epoch = macro, epoch + 1
+            rows.append(_metrics_row(epoch + 1, stats, val, labels))
+            if info.is_main:
+                ckpt = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": schedule_state(cfg, step, float(epoch + 1), stats.lr), "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1, "step": step, "rng": rng_state(),
+                    "config": dataclasses.replace(cfg, resume=None).to_dict(),
+                    "labels": labels, "task": task, "head": head, "card_sha256": sha,
+                    "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
+                    "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
+                    **data.checkpoint_fields(label_map),
+                }
+                save_checkpoint(run_dir / "last.pt", ckpt)
+                if improved or not (run_dir / "best.pt").exists():
+                    save_checkpoint(run_dir / "best.pt", ckpt)
+                _write_metrics(run_dir / "metrics.csv", rows)
+                plot_training_curves(rows, run_dir / "curves.png", [f"val_auroc_macro_{n}" for n in val.per_set])
+            board.epoch(epoch + 1, train_loss=stats.loss, val_loss=val.loss, macro=val.macro, micro=val.micro,
+                        per_label=dict(zip(labels, map(float, val.per_label))), samples_per_s=stats.samples_per_s,
+                        wait_fraction=stats.wait_fraction, pr=(val.y, val.probs, labels) if val.y is not None else None)
+            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
+                f"val AUROC macro {val.macro:.4f} micro {val.micro:.4f}"
+                + "".join(f", {name} {a:.4f}" for name, a in val.per_set.items())
+                + f", {stats.samples_per_s:.1f} samples/s, "
+                f"data wait {100 * stats.wait_fraction:.1f}%" + (" *" if improved else ""))
+            if cfg.early_stop and epoch + 1 - best_epoch >= cfg.early_stop:
+                log(f"early stop: no better val macro AUROC{' of ' + cfg.select_on if cfg.select_on else ''} for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
+                break
+        distributed.barrier()
+        hash_dir = os.environ.get(STATE_HASH_ENV)
+        if hash_dir:
+            Path(hash_dir).mkdir(parents=True, exist_ok=True)
+            (Path(hash_dir) / f"rank{info.rank}.sha256").write_text(state_sha256(model) + "\n")
+    finally:
+        progress.end_epoch(None)
+        board.close()
     return run_dir

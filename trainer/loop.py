@@ -25,7 +25,8 @@ class DivergenceError(CxrError):
 
 def divergence_message(what: str, epoch: int, step: int, lr: float, value: float) -> str:
     return (f"{what} is {value} at epoch {epoch + 1}, step {step + 1}, learning rate {lr:.3g}: the run diverged "
-            "and stopped; last.pt and best.pt hold the last good epoch. Lower --lr, or try --precision fp32")
+            "and stopped, keeping last.pt and best.pt of the last good epoch (if any). Lower --lr, or try "
+            "--precision fp32")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
