@@ -64,7 +64,8 @@ def print_report(report: dict, title: str | None = None) -> None:
         console.print(f"reference: {r['name']}: macro AUROC {r['macro_auroc']:.3f}; ours on "
                       f"{r.get('ours_labels_used', 0)} of its labels {_f(r.get('ours_macro_auroc'))}{note}")
     eval_dir = Path(report["files"]["report.json"]).parent
-    console.print(f"wrote {eval_dir}/: report.md, report.json, predictions.parquet, roc.png, pr.png")
+    console.print(f"wrote {eval_dir}/: report.md, report.json, predictions.parquet, roc.png, pr.png"
+                  + (", gallery.png" if report.get("gallery") else ""))
 
 
 def external_table(report: dict) -> Table:
@@ -126,8 +127,10 @@ def eval_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     label_map: Optional[Path] = typer.Option(None, "--label-map", help="CSV source,label,shared over the built-in label map: how the run's labels meet another shard set's (external evaluation)."),
+    gallery: bool = typer.Option(True, "--gallery/--no-gallery", help="Also draw gallery.png: the highest-scored true and false positives of the labels with the most positives, with Grad-CAM heatmaps."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress while predicting."),
 ) -> None:
-    """Evaluate a run: report.json, report.md, predictions.parquet, roc.png, pr.png in RUN/eval/.
+    """Evaluate a run: report.json, report.md, predictions.parquet, roc.png, pr.png, gallery.png in RUN/eval/.
 
     With --shards naming another shard set than the run's own: an external evaluation, in RUN/eval/NAME/,
     with the internal vs external table."""
@@ -137,7 +140,7 @@ def eval_command(
         raise EvalError(f"--split {split!r}: expected test, valid or train")
     report = evaluate_run(run, ckpt=ckpt, split=split, shards=shards, root=root, out=out, n_boot=bootstrap,
                           seed=seed, device=device, batch_size=batch_size, workers=workers, label_map=label_map,
-                          log=lambda msg: console.print(f"[dim]{msg}[/]"))
+                          log=lambda msg: console.print(f"[dim]{msg}[/]"), gallery=gallery, quiet=quiet)
     print_report(report, title=f"{report['run']}: {report['split']} split, pooled over "
                  f"{', '.join(report['per_set'])} ({report['metrics']['n_samples']} images)" if report.get("per_set") else None)
     for name, part in (report.get("per_set") or {}).items():

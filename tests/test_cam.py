@@ -72,3 +72,42 @@ def test_predict_cam_writes_a_figure_per_image_from_the_predicted_input(real_run
     bad = CliRunner().invoke(app, ["predict", paths[0], "--run", str(run), "--cam", str(tmp_path / "c"),
                                    "--labels", "Nope"])
     assert bad.exit_code == 1 and "Nope" in bad.output and "Traceback" not in bad.output
+
+
+def test_gallery_picks_the_highest_scored_true_and_false_positives():
+    from trainer.cam import gallery_picks
+
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, np.nan], [1, 0], [0, 0]], dtype=np.float32)
+    p = np.array([[0.2, 0.9], [0.8, 0.1], [0.9, 0.5], [0.7, 0.3], [0.4, 0.2], [0.1, 0.6]], dtype=np.float32)
+    picks = gallery_picks(y, p, ["A", "B"], n_labels=2, per_kind=2)
+    # A has 3 positives, B 2: A first. TP = y 1 by p desc; FP = y 0 by p desc (NaN is neither)
+    assert picks == [(0, "TP", [2, 4]), (0, "FP", [1, 3]), (1, "TP", [2, 1]), (1, "FP", [0, 5])]
+    assert gallery_picks(np.zeros((3, 1), np.float32), np.zeros((3, 1), np.float32), ["A"]) == []
+
+
+def test_eval_gallery_explains_the_shard_pixels_the_model_saw(tmp_path, monkeypatch):
+    import trainer.cam as cam
+    from cxrshards import H5Split
+    from trainer.evaluate import evaluate_run
+    from trainer.predict import model_input
+
+    from tests.shardset_fixture import make_shard_set
+    from trainer.config import TrainConfig
+    from trainer.fitting import fit
+
+    shard_dir = make_shard_set(tmp_path / "shards", "fx-32", size=32, counts={"train": 16, "valid": 8, "test": 12})
+    run = tmp_path / "run"
+    fit(TrainConfig(shards=str(shard_dir), out=str(run), model="resnet18", epochs=1, batch_size=8, workers=0,
+                    device="cpu", quiet=True))
+    seen = []
+    real = cam.gradcam
+    monkeypatch.setattr(cam, "gradcam", lambda model, x, outputs: seen.append(x.clone()) or real(model, x, outputs))
+    report = evaluate_run(run, n_boot=0, device="cpu")
+    assert report["gallery"].endswith("eval/gallery.png")
+    assert cv2.imread(report["gallery"]) is not None
+    h5 = H5Split(shard_dir, "test")
+    stored = {h5[i][2]: h5[i][0] for i in range(len(h5))}
+    loaded = load_run(run, device="cpu")
+    inputs = {tuple(model_input(img, loaded.inference.mean, loaded.inference.std).flatten()[:64].tolist())
+              for img in stored.values()}
+    assert seen and all(tuple(x.flatten()[:64].tolist()) in inputs for x in seen)

@@ -24,7 +24,9 @@ def test_tiny_demo_end_to_end(tmp_path):
                  "shards/cardiomegaly-32/train.h5", "runs/nih/best.pt", "runs/cardiomegaly/metrics.csv",
                  "runs/nih/eval/report.md", "runs/cardiomegaly/eval/roc.png", "demo.json",
                  "raw/mimic/mimic-cxr-2.0.0-metadata.csv.gz", "shards/mimic-32/dataset.json",
-                 "runs/nih/eval/mimic-32/report.md", "runs/nih/eval/mimic-32/predictions.parquet"):
+                 "runs/nih/eval/mimic-32/report.md", "runs/nih/eval/mimic-32/predictions.parquet",
+                 "sheet-nih.png", "runs/nih/curves.png", "runs/nih/tb", "runs/nih/eval/gallery.png",
+                 "runs/cardiomegaly/eval/gallery.png"):
         assert (out / path).exists(), path
     ft = json.loads((out / "runs/cardiomegaly/config.json").read_text())
     assert ft["init"].endswith("runs/nih/best.pt")

@@ -102,3 +102,58 @@ def choose_labels(labels: Sequence[str], probs: np.ndarray, wanted: Sequence[str
         raise CxrError(f"--top must be at least 1, not {top}")
     order = np.argsort(-np.asarray(probs, dtype=np.float64), kind="stable")
     return [int(j) for j in order[:top]]
+
+
+def gallery_picks(y: np.ndarray, p: np.ndarray, labels: Sequence[str], n_labels: int = 3,
+                  per_kind: int = 3) -> list[tuple[int, str, list[int]]]:
+    """For the `n_labels` labels with the most positives: (label index, "TP" | "FP", row indices) of the
+    highest-scored true positives (y = 1) and false positives (y = 0), `per_kind` each, best first."""
+    positives = np.nansum(y == 1.0, axis=0)
+    order = [int(j) for j in np.argsort(-positives, kind="stable") if positives[j] > 0][:n_labels]
+    picks = []
+    for j in order:
+        for kind, value in (("TP", 1.0), ("FP", 0.0)):
+            rows = np.flatnonzero(y[:, j] == value)
+            rows = rows[np.argsort(-p[rows, j], kind="stable")][:per_kind]
+            picks.append((j, kind, [int(r) for r in rows]))
+    return picks
+
+
+def write_gallery(loaded, shard_dir, split: str, keys: Sequence[str], y: np.ndarray, p: np.ndarray,
+                  labels: Sequence[str], path: str | Path, n_labels: int = 3, per_kind: int = 3) -> Path | None:
+    """`gallery.png` of an evaluation: per label (most positives first) a row of its highest-scored true
+    positives and a row of its highest-scored false positives, each with its Grad-CAM heatmap and
+    probability. The pixels are the shard set's, normalised as the run's model saw them. None when no
+    label has a positive."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from cxrshards import open_shards
+    from trainer.predict import model_input
+
+    picks = [pick for pick in gallery_picks(y, p, labels, n_labels, per_kind) if pick[2]]
+    if not picks:
+        return None
+    wanted = sorted({keys[r] for _, _, rows in picks for r in rows})
+    pixels = {key: img[0].numpy() for img, _, key in open_shards(shard_dir, split, shuffle=False, keys=wanted)}
+    inf = loaded.inference
+    fig, axes = plt.subplots(len(picks), per_kind, figsize=(2.4 * per_kind, 2.7 * len(picks)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for line, (j, kind, rows) in enumerate(picks):
+        for col, r in enumerate(rows):
+            image = pixels[keys[r]]
+            x = model_input(image, inf.mean, inf.std).to(loaded.device)
+            heat = gradcam(inf.model, x, [output_index(inf.head, j)])[0]
+            ax = axes[line, col]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+            ax.set_title(f"{labels[j]} {kind} p={p[r, j]:.3f}\n{keys[r]}", fontsize=6)
+    fig.tight_layout()
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return final

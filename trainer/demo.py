@@ -80,6 +80,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
 
     from cxrshards.build import BuildConfig, build_shards
     from cxrshards.phantom import make_demo_data
+    from cxrshards.sheet import contact_sheet
     from manifests.options import ManifestOptions
     from trainer.config import TrainConfig
     from trainer.evaluate import evaluate_run
@@ -136,6 +137,8 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
                               manifest_options[source])
         cards[source] = result.card
         echo(f"      {result.path}/: {_count(result.card)} images, labels: {', '.join(result.card['labels'])}")
+    sheet = contact_sheet(shard_root / cards["nih"]["name"], out / "sheet-nih.png", split="train", n=36)
+    echo(f"      {sheet}: contact sheet of 36 NIH train samples with their positive labels (`cxr shard show`)")
     done("shards", t0)
 
     # 3. NIH training
@@ -145,7 +148,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     t0 = step(3, f"Training {cfg.model} from scratch on the NIH phantoms, {cfg.epochs} epochs (`cxr train`)")
     fit(TrainConfig(shards=str((shard_root / cards['nih']['name']).resolve()), out=str(runs["nih"]),
                     epochs=cfg.epochs, **common), log=lambda m: echo(f"      {m}"))
-    echo(f"      {runs['nih']}/: config.json, metrics.csv, best.pt, last.pt, card.json")
+    echo(f"      {runs['nih']}/: config.json, metrics.csv, curves.png, tb/ (TensorBoard), best.pt, last.pt, card.json")
     done("train_nih", t0)
 
     # 4. fine-tuning on cardiomegaly
@@ -162,7 +165,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     reports = {}
     for name in ("nih", "cardiomegaly"):
         reports[name] = evaluate_run(runs[name], device=cfg.device, n_boot=cfg.n_boot, workers=cfg.workers)
-        echo(f"      {runs[name]}/eval/: report.md, report.json, predictions.parquet, roc.png, pr.png")
+        echo(f"      {runs[name]}/eval/: report.md, report.json, predictions.parquet, roc.png, pr.png, gallery.png")
     done("eval", t0)
 
     # 6. external validation

@@ -62,18 +62,26 @@ def _view_keys(shard_dir: Path, split: str, views: tuple[str, ...]) -> list[str]
 
 
 def _predict_split(loaded, shard_dir: Path, split: str, label_index: list[int], *, fmt: str,
-                   batch_size: int, workers: int, views: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   batch_size: int, workers: int, views: tuple[str, ...] = (),
+                   quiet: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Predict one split; progress as `cxr train` shows it (a bar, or plain lines off a terminal)."""
     import torch
 
     import cxrshards
     from trainer.loop import predict
+    from trainer.watch import Progress
 
     stream = cxrshards.open_shards(shard_dir, split, format=fmt, shuffle=False, batch_size=batch_size,
                                    rank=0, world_size=1, keys=_view_keys(shard_dir, split, views))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     inf = loaded.inference
-    probs, labels, keys = predict(inf.model, loader, loaded.device, mean=inf.mean, std=inf.std, head=inf.head,
-                                  label_index=label_index, gather=False)
+    progress = Progress(epochs=1, quiet=quiet, what=f"predict {split}")
+    progress.start_epoch(0, len(loader))
+    try:
+        probs, labels, keys = predict(inf.model, loader, loaded.device, mean=inf.mean, std=inf.std, head=inf.head,
+                                      label_index=label_index, gather=False, on_batch=progress.update)
+    finally:
+        progress.end_epoch(None)
     return probs.reshape(len(keys), -1), labels.reshape(len(keys), -1), list(keys)
 
 
@@ -109,12 +117,15 @@ def evaluate_run(
     format: str = "auto",
     label_map: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    gallery: bool = True,
+    quiet: bool = False,
 ) -> dict:
     """Evaluate a run's checkpoint on one split; write RUN/eval/ (or `out`); return the report dict.
 
     The shard set is the one in the run's config.json unless `shards` (with `root`) names another.
     The run's own set (the card sha256 the checkpoint was trained on): thresholds come from its `valid`
-    split (Youden per label); with no valid split they stay at 0.5. Any other set is an external
+    split (Youden per label); with no valid split they stay at 0.5. `gallery`: also gallery.png
+    (`trainer.cam.write_gallery`); `quiet`: no progress while predicting. Any other set is an external
     evaluation (`trainer.external.evaluate_external`, labels matched through `label_map`), written to
     RUN/eval/NAME/ (or `out`).
     """
@@ -163,7 +174,8 @@ def evaluate_run(
                         f"pick another with --split")
     out_dir = Path(out) if out is not None else run_dir / "eval"
     # A run trained on some views (`cxr train --views AP`) is evaluated on the same views.
-    common = dict(fmt=format, batch_size=batch_size, workers=workers, views=tuple(cfg.get("views") or ()))
+    common = dict(fmt=format, batch_size=batch_size, workers=workers, views=tuple(cfg.get("views") or ()),
+                  quiet=quiet)
 
     thresholds, threshold_source, valid_summary = None, "valid", None
     if counts["valid"] > 0:
@@ -216,6 +228,14 @@ def evaluate_run(
         "tool_version": __version__,
         "seconds": None,
     }
+    if gallery:
+        from trainer.cam import write_gallery
+
+        log("drawing gallery.png: the highest-scored true and false positives with Grad-CAM heatmaps")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if write_gallery(loaded, shard_dir, split, df["key"].tolist(), y_saved, p_saved, inf.labels,
+                         out_dir / "gallery.png") is not None:
+            report["gallery"] = str(out_dir / "gallery.png")
     return write_outputs(report, out_dir, y_saved, p_saved, inf.labels,
                          f"{run_dir.name}: {split} split of {card.get('name')}", started)
 

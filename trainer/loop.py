@@ -182,12 +182,16 @@ def predict_logits(
     precision: str = "fp32",
     channels_last: bool = False,
     gather: bool = True,
+    on_batch: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(logits [N, K] float32 CPU, labels [N, L] float32 CPU, keys) over `loader`; under torchrun the
-    rows of every rank are gathered (rank order), so each rank gets the whole split."""
+    rows of every rank are gathered (rank order), so each rank gets the whole split. `on_batch` gets a
+    `trainer.watch.BatchReport` (no losses) after every batch."""
     model.eval()
     spec = AugmentSpec(flip=False, light=False, mean=mean, std=std)
     outs, ys, keys = [], [], []
+    n_batches = len(loader) if on_batch is not None else 0  # type: ignore[arg-type]
+    start = time.perf_counter()
     for images, labels, batch_keys in loader:
         x = augment_batch(images.to(device, non_blocking=True), spec, None)
         if channels_last:
@@ -197,6 +201,8 @@ def predict_logits(
         outs.append(logits.float())
         ys.append(_select(labels, label_index).to(device))
         keys.extend(batch_keys)
+        if on_batch is not None:
+            on_batch(_report(len(outs), n_batches, len(keys), time.perf_counter() - start, 0.0, []))
     logits = torch.cat(outs) if outs else torch.zeros((0, 0), device=device)
     labels = torch.cat(ys) if ys else torch.zeros((0, 0), device=device)
     if gather:
@@ -218,6 +224,7 @@ def predict(
     precision: str = "fp32",
     channels_last: bool = False,
     gather: bool = True,
+    on_batch: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(probabilities [N, L], labels [N, L] with NaN = not labelled, keys) as numpy float32.
 
@@ -225,6 +232,7 @@ def predict(
     `mean`/`std` the run's input normalisation (see `trainer.checkpoint.load_for_inference`).
     """
     logits, labels, keys = predict_logits(model, loader, device, mean=mean, std=std, label_index=label_index,
-                                          precision=precision, channels_last=channels_last, gather=gather)
+                                          precision=precision, channels_last=channels_last, gather=gather,
+                                          on_batch=on_batch)
     probs = probabilities(logits, head) if logits.numel() else logits
     return probs.numpy().astype(np.float32), labels.numpy().astype(np.float32), keys
