@@ -29,7 +29,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrshards.phantom import render_chest  # noqa: E402
+from phantom import render_chest  # noqa: E402
 from cxrshards.pixels import load_gray  # noqa: E402
 from manifests.atomic import atomic_path  # noqa: E402
 

@@ -115,7 +115,7 @@ def _in_child(kind: str, *args, env: dict | None = None) -> dict:
 
 
 def make_phantom(raw: str, images: int, image_size: int = 1024) -> dict:
-    from cxrshards.phantom import make_demo_data
+    from phantom import make_demo_data
 
     make_demo_data("nih", raw, images, image_size=image_size, seed=0)
     return {"raw": raw}

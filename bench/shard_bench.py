@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrshards.build import BuildConfig, build_shards, mp_context  # noqa: E402
-from cxrshards.phantom import make_demo_data  # noqa: E402
+from phantom import make_demo_data  # noqa: E402
 from manifests.table import Manifest, write_manifest  # noqa: E402
 
 SIZE = 224

@@ -29,7 +29,7 @@ BATCH = 32
 def build_inputs(workdir: Path) -> Path:
     """A phantom NIH shard set at SIZE px (wds png + hdf5), built once and reused."""
     from cxrshards.build import BuildConfig, build_shards
-    from cxrshards.phantom import make_demo_data
+    from phantom import make_demo_data
     from manifests.options import ManifestOptions
 
     base = workdir / "train_bench"

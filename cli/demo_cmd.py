@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.app import app, console
-from cxrshards.phantom import DEFAULT_SIZES, SOURCES, make_demo_data
+from phantom import DEFAULT_SIZES, SOURCES
 
 
 @app.command("demo-data")
@@ -30,6 +30,8 @@ def demo_data(
 ) -> None:
     """Write a phantom (synthetic) raw dataset with tables and findings drawn into the pixels."""
     start = time.perf_counter()
+    from phantom import make_demo_data
+
     card = make_demo_data(source, out, n, image_size, seed)
     seconds = time.perf_counter() - start
     console.print(f"[bold]wrote {out}[/]: {card['n']:,} phantom {card['source']} images of "

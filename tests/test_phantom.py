@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrshards import phantom
-from cxrshards.phantom import make_demo_data, render_chest, write_folder, write_mimic, write_mimic_tables, write_nih
+import phantom
+from phantom import make_demo_data, render_chest, write_folder, write_mimic, write_mimic_tables, write_nih
 from manifests.errors import CxrError
 from manifests.vocab import MIMIC_LABELS, NIH_LABELS
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cxrshards import pixels as px
-from cxrshards.phantom import make_demo_data
+from phantom import make_demo_data
 
 
 def opencv_gray(path) -> np.ndarray:

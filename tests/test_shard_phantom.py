@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from cxrshards.build import BuildConfig, build_shards
-from cxrshards.phantom import make_demo_data
+from phantom import make_demo_data
 from manifests.build import build_manifest
 from manifests.options import ManifestOptions
 from tests.test_shard_support import check_set, file_hashes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxrshards.build import BuildConfig, build_shards
-from cxrshards.phantom import NIH_PREVALENCE, make_demo_data
+from phantom import NIH_PREVALENCE, make_demo_data
 from manifests.options import ManifestOptions
 from trainer.checkpoint import load_for_inference
 from trainer.config import TrainConfig

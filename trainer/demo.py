@@ -79,7 +79,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     import torch
 
     from cxrshards.build import BuildConfig, build_shards
-    from cxrshards.phantom import make_demo_data
+    from phantom import make_demo_data
     from cxrshards.sheet import contact_sheet
     from manifests.options import ManifestOptions
     from trainer.config import TrainConfig

@@ -39,9 +39,8 @@ import numpy as np
 from manifests import __version__
 from manifests.atomic import write_bytes_atomic
 from manifests.errors import CxrError
+from phantom import DEFAULT_SIZES, SOURCES
 
-SOURCES = ("nih", "mimic", "cardiomegaly")
-DEFAULT_SIZES = {"nih": 1024, "mimic": 3000, "cardiomegaly": 1024}
 
 # Labels drawn per source, with their prevalence (per image for NIH, per study for MIMIC).
 NIH_PREVALENCE: dict[str, float] = {
@@ -543,7 +542,7 @@ def _check_args(n: int, image_size: int | None) -> None:
 
 
 def _card(source: str, n: int, seed: int, image_size: int, drawn: dict[str, float], **extra) -> dict:
-    return {"generator": "cxr demo-data (cxrshards.phantom)", "phantom": True, "source": source, "n": int(n),
+    return {"generator": "cxr demo-data (phantom)", "phantom": True, "source": source, "n": int(n),
             "seed": int(seed), "image_size": int(image_size), "labels_drawn": list(drawn),
             "prevalence": {k: float(v) for k, v in drawn.items()}, "tool_version": __version__, **extra}
 
