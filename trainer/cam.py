@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from manifests.atomic import atomic_path
 from manifests.errors import CxrError
+from trainer.plots import save_figure
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -82,13 +82,7 @@ def cam_figure(image: np.ndarray, panels: Sequence[tuple[str, float, np.ndarray]
         ax.set_title(f"{label}: p={prob:.3f}", fontsize=7)
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(final) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return final
+    return save_figure(fig, path, dpi=100)
 
 
 def choose_labels(labels: Sequence[str], probs: np.ndarray, wanted: Sequence[str] = (), top: int = 3) -> list[int]:
@@ -151,9 +145,4 @@ def write_gallery(loaded, shard_dir, split: str, keys: Sequence[str], y: np.ndar
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
             ax.set_title(f"{labels[j]} {kind} p={p[r, j]:.3f}\n{keys[r]}", fontsize=6)
-    fig.tight_layout()
-    final = Path(path)
-    with atomic_path(final) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return final
+    return save_figure(fig, path)

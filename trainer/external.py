@@ -257,7 +257,7 @@ def evaluate_external(
     import cxrshards
     from manifests import __version__
     from trainer.checkpoint import card_sha256
-    from trainer.evaluate import _patient_ids, _predict_split, phantom_info
+    from trainer.evaluate import _patient_ids, _predict_split, phantom_info, report_head
     from trainer.plots import plot_curves
     from trainer.report import comparable_macro, write_report
 
@@ -327,17 +327,8 @@ def evaluate_external(
         drawn = [m["shared"] for m in match.matched if m["set"] in phantom.get("labels_drawn", [])]
         value, used = comparable_macro(metrics["per_label"], drawn)
         phantom_findings = {"labels": drawn, "macro_auroc": value, "labels_used": used}
-    ckpt_state = inf.checkpoint
     report = {
-        "run": str(run_dir),
-        "split": split,
-        "views": list(views) or None,
-        "model": inf.config.get("model"),
-        "task": inf.task,
-        "head": inf.head,
-        "checkpoint": {"path": str(loaded.ckpt_path), "epoch": ckpt_state.get("epoch"),
-                       "best_metric": ckpt_state.get("best_metric"), "best_epoch": ckpt_state.get("best_epoch"),
-                       "sha256": hashlib.sha256(loaded.ckpt_path.read_bytes()).hexdigest()},
+        **report_head(loaded, split, views),
         "shard_set": {"name": name, "path": str(shard_dir), "source": card.get("source"), "size": card.get("size"),
                       "fit": card.get("fit"), "codec": card.get("codec"), "card_sha256": card_sha256(shard_dir),
                       "phantom": phantom is not None},

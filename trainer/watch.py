@@ -27,7 +27,6 @@ from typing import Callable, Sequence, TextIO
 import numpy as np
 import torch
 
-from manifests.atomic import atomic_path
 
 INPUT_RANGE = 3.0   # model inputs shown in TensorBoard as [-3, 3] -> [0, 1]
 
@@ -173,10 +172,9 @@ def plot_training_curves(rows: Sequence[dict], path: str | Path, extra_auroc: Se
 
     The best epoch is the one with the highest `val_auroc_macro` (the one best.pt holds); `extra_auroc`
     names more AUROC columns to draw (e.g. one per shard set)."""
-    import matplotlib
+    from trainer.plots import _pyplot, save_figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     def col(name: str) -> np.ndarray:
         return np.array([float(r.get(name, "nan") or "nan") for r in rows], dtype=np.float64)
@@ -201,9 +199,4 @@ def plot_training_curves(rows: Sequence[dict], path: str | Path, extra_auroc: Se
     ax_auc.set_xlabel("epoch")
     ax_auc.set_ylabel("AUROC")
     ax_auc.legend(fontsize=8)
-    fig.tight_layout()
-    final = Path(path)
-    with atomic_path(final) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return final
+    return save_figure(fig, path)
