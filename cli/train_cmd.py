@@ -23,7 +23,7 @@ def _d(name: str) -> str:
 
 @app.command("train")
 def train(
-    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME (under --root) or path to its folder."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME (under --root), path to its folder, or URL (http(s)://, s3://, gs://) of one."),
     root: Optional[str] = typer.Option(None, "--root", help="Shard root (default: $CXR_SHARDS or ./shards)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder, e.g. runs/nih-r18."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/YAML/JSON file of options; flags override it."),
@@ -36,6 +36,9 @@ def train(
     format: Optional[str] = typer.Option(None, "--format", help="Reader format: auto|wds|hdf5." + _d("format")),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _d("workers")),
     shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer", help="Reader shuffle buffer (samples)." + _d("shuffle_buffer")),
+    cache: Optional[str] = typer.Option(None, "--cache", help="URL --shards: keep downloaded tars in this folder, checked against the card (default: $CXR_CACHE, else stream every epoch)."),
+    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="Size limit of --cache in GiB; least recently used tars leave." + _d("cache_gb")),
+    decode: Optional[str] = typer.Option(None, "--decode", help="cpu: loader workers decode; gpu: JPEG tars decoded on the GPU in batches (nvJPEG)." + _d("decode")),
     # model
     model: Optional[str] = typer.Option(None, "--model", help="resnet18|resnet34|resnet50|resnet101|densenet121|densenet169." + _d("model")),
     init: Optional[str] = typer.Option(None, "--init", help="scratch | imagenet | PATH of a cxr checkpoint (backbone transfer)." + _d("init")),

@@ -20,6 +20,7 @@ AUGMENTS = ("light", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("auto", "wds", "hdf5")
+DECODES = ("cpu", "gpu")
 
 
 class ConfigError(CxrError):
@@ -29,7 +30,7 @@ class ConfigError(CxrError):
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data: which shard set, which labels, which samples each epoch
-    shards: str = ""                        # shard set name (under root) or path to its folder
+    shards: str = ""                        # shard set name (under root), path to its folder, or URL
     root: str | None = None                 # shard root; None: $CXR_SHARDS or ./shards
     format: str = "auto"                    # reader format: auto | wds | hdf5
     labels: tuple[str, ...] = ()            # subset of the card's labels; () = all of them
@@ -37,6 +38,9 @@ class TrainConfig:
     max_per_label: int = 0                  # per-label cap of train positives, fresh draw each epoch; 0 = off
     workers: int = 2                        # DataLoader worker processes
     shuffle_buffer: int = 1000              # reader shuffle buffer (samples)
+    cache: str | None = None                # URL sets: keep downloaded tars here; None: $CXR_CACHE, else stream
+    cache_gb: float = 100.0                 # URL sets: size limit of the tar cache (GiB), least recently used out
+    decode: str = "cpu"                     # cpu (loader workers) | gpu (JPEG tars decoded on the GPU in batches)
 
     # --- model
     model: str = "resnet18"                 # resnet18|34|50|101, densenet121|169 (1-channel input)
@@ -118,6 +122,7 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
         choice("format", FORMATS)
+        choice("decode", DECODES)
         if not self.init:
             raise ConfigError("--init must be scratch, imagenet or a checkpoint path")
         positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
@@ -141,6 +146,8 @@ class TrainConfig:
             raise ConfigError(f"--normalize {self.normalize}: expected MEAN,STD with STD > 0, e.g. 0.5,0.5")
         if self.loss == "ce" and self.task == "multilabel":
             raise ConfigError("--loss ce is for --task binary (2 logits); use bce, bce-pos-weight or focal")
+        if not self.cache_gb > 0:
+            raise ConfigError(f"--cache-gb {self.cache_gb}: must be > 0")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"--labels {','.join(self.labels)}: a label is listed twice")
 
@@ -162,7 +169,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             return tuple(float(v) for v in value)
-        if key in ("lr", "weight_decay", "momentum", "gamma", "min_lr", "focal_gamma", "focal_alpha"):
+        if key in ("lr", "weight_decay", "momentum", "gamma", "min_lr", "focal_gamma", "focal_alpha", "cache_gb"):
             return float(value)
         if key in ("max_per_label", "workers", "shuffle_buffer", "stage", "step_size", "warmup", "epochs",
                    "batch_size", "early_stop", "seed"):
@@ -173,7 +180,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if key in ("shards", "root", "format", "model", "init", "imagenet_weights", "task", "loss",
+        if key in ("shards", "root", "cache", "decode", "format", "model", "init", "imagenet_weights", "task", "loss",
                    "optimizer", "scheduler", "augment", "precision", "device", "out", "resume"):
             return str(value)
     except (TypeError, ValueError):
@@ -226,4 +233,4 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
 
 # Fields that may change between a run and its --resume: they do not change the arithmetic.
 RESUMABLE_CHANGES = frozenset({"epochs", "early_stop", "workers", "device", "out", "resume", "compile",
-                               "root", "shards"})
+                               "root", "shards", "cache", "cache_gb"})

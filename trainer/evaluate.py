@@ -387,12 +387,14 @@ def evaluate_run(
     batch_size: int = 64,
     workers: int = 0,
     format: str = "auto",
+    cache: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate a run's checkpoint on one split; write RUN/eval/ (or `out`); return the report dict.
 
     The shard set is the one in the run's config.json unless `shards` (with `root`) names another;
-    its card must be the one the checkpoint was trained on (same sha256). Thresholds come from the
+    its card must be the one the checkpoint was trained on (same sha256); a URL set keeps its tars in
+    `cache` (default: the run's --cache, else $CXR_CACHE) when given. Thresholds come from the
     `valid` split (Youden per label); with no valid split they stay at 0.5.
     """
     import cxrshards
@@ -414,7 +416,8 @@ def evaluate_run(
         shards_ref, root_ref = shards, root
     if not shards_ref:
         raise EvalError(f"{run_dir}/config.json names no shard set: pass --shards NAME_OR_PATH")
-    shard_dir = cxrshards.resolve_shard_dir(shards_ref, root_ref)
+    shard_dir = cxrshards.resolve_shard_dir(shards_ref, root_ref, cache=cache if cache is not None else cfg.get("cache"),
+                                            cache_gb=cfg.get("cache_gb"))
     sha = card_sha256(shard_dir)
     if inf.card_sha256 and sha != inf.card_sha256:
         raise EvalError(

@@ -236,7 +236,7 @@ def fit(cfg: TrainConfig, log: Log | None = None) -> Path:
 
 def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log: Log) -> Path:
     run_dir = Path(cfg.out)
-    shard_dir = cxrshards.resolve_shard_dir(cfg.shards, cfg.root)
+    shard_dir = cxrshards.resolve_shard_dir(cfg.shards, cfg.root, cache=cfg.cache, cache_gb=cfg.cache_gb)
     card = cxrshards.read_card(shard_dir)
     sha = card_sha256(shard_dir)
     labels, label_index = resolve_labels(list(card["labels"]), cfg.labels)
