@@ -527,7 +527,7 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
                 cache_gb: float | None = None) -> ShardStream:
     """Open one split of a shard set (a path, a NAME under ROOT, or a URL) as a `ShardStream`.
 
-    format: "auto" (hdf5 when SPLIT.h5 exists, else wds), "wds" or "hdf5". shuffle defaults to True for
+    format: "auto" (hdf5 when SPLIT.h5 exists, else wds; wds for a URL with tars), "wds" or "hdf5". shuffle defaults to True for
     train only. keys: read only these (never decoding the rest). batch_size: yield collated batches, every
     rank the same number. rank/world_size: default from torch.distributed when initialised, else 0/1.
     A URL streams its tars (through `cache`, default $CXR_CACHE, when given, holding at most `cache_gb`
@@ -546,8 +546,8 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
     has = {"hdf5": h5_path.is_file() or (tars is not None and tars.has(h5_path.name)),
            "wds": any(f.get("split") == split and str(f.get("file", "")).endswith(".tar")
                       for f in card.get("files", [])) or any(shard_dir.glob(f"{split}-*.tar"))}
-    if format == "auto":
-        format = "hdf5" if has["hdf5"] else "wds"
+    if format == "auto":  # a URL set reads its tars when it has them: HDF5 is local only
+        format = "hdf5" if has["hdf5"] and not (tars is not None and has["wds"]) else "wds"
     if tars is not None and format == "hdf5":
         raise CxrError(f"{tars.url}: HDF5 shards are read from local disk only; pull the set first "
                        f"(`cxr shard pull {tars.url} --root ROOT`) and open ROOT/NAME, or read its tars (--format wds)")

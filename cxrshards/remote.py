@@ -99,10 +99,12 @@ def with_retries(url: str, action: Callable[[], T], retry: RetryPolicy | None = 
 
 
 def _fs(url: str):
+    """(filesystem, path) for `url`: a fresh filesystem each time, never fsspec's cached one, whose pooled
+    connections a DataLoader worker forked from this process would inherit and break when it exits."""
     import fsspec.core
 
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, skip_instance_cache=True)
     except ImportError as exc:
         raise RemoteError(f"{url}: this protocol needs an extra package ({exc}); e.g. pip install 'cxr[s3]' "
                           f"or 'cxr[gcs]'") from None
@@ -374,10 +376,11 @@ def push_shards(shard_dir: str | os.PathLike, url: str, retry: RetryPolicy | Non
     card = json.loads((shard_dir / CARD_NAME).read_text())
     names = [*card_files(card, str(shard_dir / CARD_NAME)), MANIFEST_NAME, REJECTS_NAME]
     names += [n for n in ("build.json",) if (shard_dir / n).is_file()]
-    fs, base = _fs(url.rstrip("/"))
+    url = os.fspath(url).rstrip("/")
+    fs, base = _fs(url)
     with_retries(url, lambda: fs.makedirs(base, exist_ok=True), retry)
     for name in [*names, CARD_NAME]:       # the card last
-        target = join(url.rstrip("/"), name)
+        target = join(url, name)
         _, path = _fs(target)
         log(f"push {name}")
         with_retries(target, lambda: fs.put_file(str(shard_dir / name), path), retry)
