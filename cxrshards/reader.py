@@ -318,9 +318,11 @@ class ShardStream(IterableDataset):
             exists = self._tars.has if self._tars is not None else (lambda n: (self.shard_dir / n).is_file())
             missing = [n for n in self._shard_names if not exists(n)]
             if missing:
-                where = self._tars.url if self._tars is not None else self.shard_dir
-                raise CxrError(f"{where}: shard {missing[0]} is missing ({len(missing)} missing); "
-                               f"run `cxr shard verify {where}` and rebuild")
+                if self._tars is not None:
+                    raise CxrError(f"{self._tars.url}: manifest.parquet names shard {missing[0]}, which the card "
+                                   f"does not list ({len(missing)} such); the set is damaged")
+                raise CxrError(f"{self.shard_dir}: shard {missing[0]} is missing ({len(missing)} missing); "
+                               f"run `cxr shard verify {self.shard_dir}` and rebuild")
         else:
             if (table["h5_index"] < 0).any():
                 raise CxrError(f"{path}: some {self.split} rows have no h5_index")

@@ -170,6 +170,12 @@ def test_one_line_errors(served, tmp_path, monkeypatch):
     with serve_folder(tmp_path) as other:
         with pytest.raises(CxrError, match=r"'\.\./\.\./etc/passwd\.tar' is not a plain name"):
             cxrshards.open_shards(f"{other.url}/bad", "train")
+    shutil.rmtree(bad)
+    shutil.copytree(local, bad)
+    shutil.copyfile(bad / "rejects.parquet", bad / "manifest.parquet")     # not the manifest the card names
+    with serve_folder(tmp_path) as other:
+        with pytest.raises(CxrError, match=r"/bad/manifest.parquet: sha256 .* does not match the card's manifest_sha256"):
+            cxrshards.open_shards(f"{other.url}/bad", "train")
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
