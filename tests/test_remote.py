@@ -175,7 +175,7 @@ def test_one_line_errors(served, tmp_path, monkeypatch):
     shutil.copyfile(bad / "rejects.parquet", bad / "manifest.parquet")     # not the manifest the card names
     with serve_folder(tmp_path) as other:
         with pytest.raises(CxrError, match=r"/bad/manifest.parquet: sha256 .* does not match the card's manifest_sha256"):
-            cxrshards.open_shards(f"{other.url}/bad", "train")
+            cxrshards.open_shards(f"{other.url}/bad", "train", cache=tmp_path / "fresh")  # a new mirror
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
