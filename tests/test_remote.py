@@ -347,3 +347,44 @@ def test_s3_push_read_and_pull(served, s3_env, tmp_path):
     assert report.ok and report.samples == {"train": 23, "valid": 7, "test": 5}
     with pytest.raises(CxrError, match=r"s3://.*/nope is not a shard set"):
         cxrshards.open_shards(f"s3://{bucket}/nope", "train")
+
+
+# --------------------------------------------------------------------------- two nodes over HTTP
+
+def test_two_torchrun_nodes_reading_one_url_end_with_identical_weights(served, tmp_path):
+    """Two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1, gloo) train from the same URL."""
+    import sys
+
+    from trainer.fitting import STATE_HASH_ENV
+
+    local, url, server = served
+    hashes = tmp_path / "hashes"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **{STATE_HASH_ENV: str(hashes)})
+    env.pop(remote.CACHE_ENV, None)
+    port = _free_port()
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cxr-two-nodes",
+               "-m", "cli", "train", "--shards", url, "--cache", str(tmp_path / f"cache{node}"),
+               "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+               "--device", "cpu", "--lr", "1e-3", "--format", "wds"]
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True))
+    outputs = []
+    try:
+        for agent in agents:
+            outputs.append(agent.communicate(timeout=300)[0])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outputs)
+    h0, h1 = (hashes / "rank0.sha256").read_text(), (hashes / "rank1.sha256").read_text()
+    assert h0 == h1
+    # each node cached the tars it read (train and valid), each one a file the card lists
+    card_sha = {f["sha256"] for f in json.loads((local / "dataset.json").read_text())["files"]}
+    for node in range(2):
+        cached = {p.stem for p in (tmp_path / f"cache{node}" / "tars").glob("*.tar")}
+        assert cached and cached <= card_sha
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["world_size"] == 2
