@@ -26,6 +26,7 @@ from cxrshards.paths import shards_root
 from manifests.errors import CxrError
 
 FORMATS = ("auto", "wds", "hdf5")
+DECODES = ("cpu", "gpu")  # gpu: JPEG tar batches come out encoded, decoded by `.to(device)` (cxrshards.jpeg_batch)
 _IMAGE_EXTS = {b"png": "png", b"jpg": "jpeg", b"jpeg": "jpeg", b"npy": "raw"}
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -281,10 +282,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_dir: Path, split: str, fmt: str, card: dict, *, seed: int, epoch: int,
                  shuffle: bool, keys: Iterable[str] | None, batch_size: int | None, rank: int,
-                 world_size: int, shuffle_buffer: int, tars: remote.RemoteTars | None = None):
+                 world_size: int, shuffle_buffer: int, tars: remote.RemoteTars | None = None,
+                 decode: str = "cpu"):
         super().__init__()
         self.shard_dir, self.split, self.format, self.card = shard_dir, split, fmt, card
         self._tars = tars  # None: the tars are files in shard_dir
+        self.decode = decode
         self.seed, self.epoch, self.shuffle = int(seed), int(epoch), bool(shuffle)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle_buffer = int(shuffle_buffer)
@@ -474,6 +477,9 @@ class ShardStream(IterableDataset):
                        torch.from_numpy(self._label_values[row].copy()), self._keys[row].decode())
             return
         records = iter(records)
+        if self.decode == "gpu":
+            yield from self._emit_encoded(records, sizes)
+            return
         for b in sizes.tolist():
             images = torch.empty((b, 1, self.size, self.size), dtype=torch.uint8)
             out = images.numpy()
@@ -486,6 +492,24 @@ class ShardStream(IterableDataset):
             if got != b:  # cannot happen with a consistent plan; never yield a short batch silently
                 raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
             yield self._collate(images, rows)
+
+    def _emit_encoded(self, records: Iterator, sizes: np.ndarray) -> Iterator:
+        """Batches of encoded JPEGs (`EncodedJpegBatch`): the trainer decodes them on its device."""
+        from cxrshards.jpeg_batch import EncodedJpegBatch
+
+        for b in sizes.tolist():
+            batch = list(itertools.islice(records, b))
+            if len(batch) != b:
+                raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
+            rows = np.array([row for row, _, _ in batch], dtype=np.int64)
+            for row, _, codec in batch:
+                if codec != "jpeg":
+                    raise CxrError(f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()} is {codec}, "
+                                   f"not JPEG: --decode gpu reads JPEG tars only")
+            images, labels, keys = self._collate(None, rows)
+            data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d, _ in batch]
+            yield EncodedJpegBatch(data, self.size, keys, f"{self._tars.url if self._tars else self.shard_dir}"), \
+                labels, keys
 
     def _collate(self, images: torch.Tensor, rows: np.ndarray):
         return (images, torch.from_numpy(self._label_values[rows]),
@@ -526,14 +550,15 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
                 format: str = "auto", seed: int = 0, epoch: int = 0, shuffle: bool | None = None,
                 keys: Iterable[str] | None = None, batch_size: int | None = None, rank: int | None = None,
                 world_size: int | None = None, shuffle_buffer: int = 1000, cache: str | os.PathLike | None = None,
-                cache_gb: float | None = None) -> ShardStream:
+                cache_gb: float | None = None, decode: str = "cpu") -> ShardStream:
     """Open one split of a shard set (a path, a NAME under ROOT, or a URL) as a `ShardStream`.
 
     format: "auto" (hdf5 when SPLIT.h5 exists, else wds; wds for a URL with tars), "wds" or "hdf5". shuffle defaults to True for
     train only. keys: read only these (never decoding the rest). batch_size: yield collated batches, every
     rank the same number. rank/world_size: default from torch.distributed when initialised, else 0/1.
     A URL streams its tars (through `cache`, default $CXR_CACHE, when given, holding at most `cache_gb`
-    GiB): see cxrshards.remote.
+    GiB): see cxrshards.remote. decode="gpu" (JPEG tars, batches only) yields each batch's images still
+    encoded, as a `cxrshards.jpeg_batch.EncodedJpegBatch` that `.to(device)` decodes in one batched call.
     """
     shard_dir = resolve_shard_dir(name_or_path, root, cache=cache, cache_gb=cache_gb)
     tars = remote.remote_tars(shard_dir)
@@ -548,8 +573,8 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
     has = {"hdf5": h5_path.is_file() or (tars is not None and tars.has(h5_path.name)),
            "wds": any(f.get("split") == split and str(f.get("file", "")).endswith(".tar")
                       for f in card.get("files", [])) or any(shard_dir.glob(f"{split}-*.tar"))}
-    if format == "auto":  # a URL set reads its tars when it has them: HDF5 is local only
-        format = "hdf5" if has["hdf5"] and not (tars is not None and has["wds"]) else "wds"
+    if format == "auto":  # a URL set (HDF5 is local only) and --decode gpu read the tars when there are some
+        format = "hdf5" if has["hdf5"] and not ((tars is not None or decode == "gpu") and has["wds"]) else "wds"
     if tars is not None and format == "hdf5":
         raise CxrError(f"{tars.url}: HDF5 shards are read from local disk only; pull the set first "
                        f"(`cxr shard pull {tars.url} --root ROOT`) and open ROOT/NAME, or read its tars (--format wds)")
@@ -561,11 +586,17 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
         raise CxrError(f"batch_size must be a positive integer or None, not {batch_size!r}")
     if shuffle_buffer < 0:
         raise CxrError(f"shuffle_buffer must be >= 0, not {shuffle_buffer}")
+    if decode not in DECODES:
+        raise CxrError(f"decode must be one of {', '.join(DECODES)}, not {decode!r}")
+    if decode == "gpu" and (format != "wds" or card.get("codec") != "jpeg" or batch_size is None):
+        raise CxrError(f"--decode gpu reads JPEG tars in batches; {shard_dir} gives {format} "
+                       f"{card.get('codec')} shards{'' if batch_size else ' without a batch size'}: rebuild with "
+                       f"`cxr shard build ... --codec jpeg` or use --decode cpu")
     rank, world_size = _dist_rank(rank, world_size)
     return ShardStream(shard_dir, split, format, card, seed=seed, epoch=epoch,
                        shuffle=(split == "train") if shuffle is None else shuffle, keys=keys,
                        batch_size=batch_size, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-                       tars=tars)
+                       tars=tars, decode=decode)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -298,8 +298,10 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     loss_fn = make_loss(cfg.loss, pos_weight=pos_weight, gamma=cfg.focal_gamma, alpha=cfg.focal_alpha)
     common = dict(root=None, format=cfg.format, seed=cfg.seed, batch_size=cfg.batch_size,
                   rank=info.rank, world_size=info.world_size)
+    if cfg.decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"--decode gpu decodes JPEGs on the GPU, but the device is {device}: use --decode cpu")
     train_stream = cxrshards.open_shards(shard_dir, "train", epoch=start_epoch, shuffle=True,
-                                         shuffle_buffer=cfg.shuffle_buffer, **common)
+                                         shuffle_buffer=cfg.shuffle_buffer, decode=cfg.decode, **common)
     valid_stream = cxrshards.open_shards(shard_dir, "valid", shuffle=False, **common)
     if cfg.views:
         valid_stream.set_keys(table.loc[table["split"] == "valid", "key"].tolist())
