@@ -98,18 +98,29 @@ def with_retries(url: str, action: Callable[[], T], retry: RetryPolicy | None = 
     raise AssertionError("unreachable")
 
 
+@functools.lru_cache(maxsize=None)
+def _filesystem(pid: int, protocol: str):
+    """One filesystem per process and protocol, never fsspec's shared instance: a DataLoader worker forked
+    from this process drops fsspec's cached instances, and finalizing one there breaks this process's
+    pooled connections. This cache keeps a reference in the child too, so nothing is finalized there."""
+    import fsspec
+
+    return fsspec.filesystem(protocol, skip_instance_cache=True)
+
+
 def _fs(url: str):
-    """(filesystem, path) for `url`: a fresh filesystem each time, never fsspec's cached one, whose pooled
-    connections a DataLoader worker forked from this process would inherit and break when it exits."""
+    """(filesystem, path) for `url`."""
     import fsspec.core
 
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
     try:
-        return fsspec.core.url_to_fs(url, skip_instance_cache=True)
+        fs = _filesystem(os.getpid(), protocol)
     except ImportError as exc:
         raise RemoteError(f"{url}: this protocol needs an extra package ({exc}); e.g. pip install 'cxr[s3]' "
                           f"or 'cxr[gcs]'") from None
     except ValueError as exc:
         raise RemoteError(f"{url}: not a URL fsspec can open ({exc})") from None
+    return fs, fs._strip_protocol(url)
 
 
 def fetch_bytes(url: str, retry: RetryPolicy | None = None) -> bytes:
