@@ -251,6 +251,10 @@ def test_cli_train_and_eval_from_a_url_match_the_local_run(served, tmp_path, cli
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "b" / "eval" / "report.json").read_text())
     assert report["metrics"]["n_samples"] == 5
+    # the run records the card of the set itself: the local copy (e.g. pulled) is the same set to eval
+    done = cli("eval", "--run", str(tmp_path / "b"), "--shards", str(local), "--split", "test", "--bootstrap", "0",
+               "--device", "cpu", "--out", str(tmp_path / "b" / "eval-local"))
+    assert done.exit_code == 0, done.output
     done = cli("train", "--shards", url, "--format", "hdf5", "--out", str(tmp_path / "c"), *args[:-2])
     assert done.exit_code == 1 and done.output.startswith("error: ") and "cxr shard pull" in done.output
 
