@@ -8,8 +8,8 @@ The rules:
   the reader treats the mirror as a local set and asks `remote_tars(mirror)` how to open each tar.
 - File names in a remote card are plain names in the set's folder (letters, digits, `._-`, no `..`, no
   `/`, no `%`): anything else is refused before anything is downloaded.
-- Tars are read front to back through one file object each with a 64 MiB read-ahead: one ranged GET per
-  64 MiB of tar (one per tar up to that size), never one per sample.
+- Tars are read front to back in 64 MiB blocks held in a local buffer: one ranged GET per 64 MiB of tar
+  (one per tar up to that size), never one per sample.
 - With a cache (`--cache DIR` or $CXR_CACHE) a tar is downloaded whole to a temporary name, checked against
   the card's sha256 and only then renamed to CACHE/tars/SHA256.tar; the least recently used tars leave
   once the cache passes its size limit. A partial or corrupt download never enters.
@@ -236,40 +236,44 @@ def remote_tars(shard_dir: Path, retry: RetryPolicy | None = None) -> RemoteTars
 
 
 class RemoteFile:
-    """A remote file read through fsspec with a large read-ahead; a failed read reopens at the same offset
-    (with backoff) instead of failing the epoch."""
+    """A remote file read front to back in blocks of `block` bytes, one ranged GET each, held in a local
+    buffer: the reader's many small reads and seeks cost a slice, not a call through fsspec. A failed
+    block fetch is retried (reopening the file) with backoff, then a RemoteError names the URL."""
 
     def __init__(self, url: str, retry: RetryPolicy | None = None, block: int = READ_BLOCK):
         self.url, self.retry, self.block = url, retry, block
         self._fs, self._path = _fs(url)
         self._pos = 0
+        self._buf, self._buf_start = b"", 0
         self._f = None
-        self._reopen()
-
-    def _open_at_pos(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        f = self._fs.open(self._path, "rb", block_size=self.block, cache_type="readahead")
-        f.seek(self._pos)
-        self._f = f
-
-    def _reopen(self) -> None:
         try:
-            with_retries(self.url, self._open_at_pos, self.retry)
+            with_retries(self.url, self._open, self.retry)
         except FileNotFoundError:
             raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
 
+    def _open(self) -> None:
+        self._f = self._fs.open(self._path, "rb", block_size=self.block, cache_type="none")
+
+    def _fetch(self, pos: int, length: int) -> bytes:
+        if self._f is None:
+            self._open()
+        try:
+            self._f.seek(pos)
+            return self._f.read(length)
+        except Exception:
+            self._f = None          # the next try reopens
+            raise
+
     def read(self, n: int = -1) -> bytes:
-        def attempt():
-            if self._f is None:
-                self._open_at_pos()
-            try:
-                return self._f.read(n)
-            except Exception:
-                self._f = None          # the next try reopens at self._pos
-                raise
-        data = with_retries(self.url, attempt, self.retry)
+        off = self._pos - self._buf_start
+        if 0 <= n and 0 <= off and off + n <= len(self._buf):
+            data = self._buf[off:off + n]
+        else:
+            length = -1 if n < 0 else max(n, self.block)
+            pos = self._pos
+            block = with_retries(self.url, lambda: self._fetch(pos, length), self.retry)
+            self._buf, self._buf_start = block, pos
+            data = block if n < 0 else block[:n]
         self._pos += len(data)
         return data
 
@@ -277,8 +281,6 @@ class RemoteFile:
         if whence != 0:
             raise ValueError("RemoteFile seeks from the start only")
         self._pos = int(pos)
-        if self._f is not None:
-            self._f.seek(self._pos)
         return self._pos
 
     def tell(self) -> int:
@@ -288,6 +290,7 @@ class RemoteFile:
         if self._f is not None:
             self._f.close()
             self._f = None
+        self._buf = b""
 
     def __enter__(self):
         return self
