@@ -27,6 +27,8 @@ BASELINE_IMAGES = 120      # the seeds' loader is slow: this many source images 
 REAL_NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "nih-1024"
 TARGETS = {"jpeg": 40, "raw": 100, "hdf5": 100}
 READERS = (("wds", "png"), ("wds", "jpeg"), ("wds", "raw"), ("hdf5", "png"))
+REMOTE_CODECS = ("raw", "jpeg")  # wds sets read over HTTP against the same set on disk
+REMOTE_TARGET = 0.5              # goal: the HTTP rate is at least half the disk rate
 SCALING_IMAGES = (500, 2000)  # shard sets of growing size for the loader-memory check (256 px phantoms)
 # glibc raises its mmap threshold after large frees, so freed batch buffers then stay on the heap and RSS
 # drifts by tens of MiB run to run; a fixed threshold shows the reader's own memory.
@@ -54,7 +56,9 @@ def _rss_mib() -> float:
 
 
 def measure_shards(shard_dir: str, fmt: str) -> dict:
-    """Samples/s of full epochs of the train split into uint8 batches of 64 (after one warm-up epoch)."""
+    """Samples/s of full epochs of the train split into uint8 batches of 64 (after one warm-up epoch).
+
+    `shard_dir` may be a URL: then every epoch streams the tars again (no cache)."""
     _one_core()
     import cxrshards
 
@@ -174,6 +178,39 @@ def _source_paths(shard_dir: Path, limit: int) -> list[str]:
     return paths[:limit]
 
 
+def remote_rows(dirs: dict[str, Path]) -> list[str]:
+    """Markdown: each wds set read from disk and from a local HTTP server (no cache, every epoch streams)."""
+    from tests.http_server import serve_folder
+
+    lines = []
+    for codec in REMOTE_CODECS:
+        if codec not in dirs:
+            continue
+        shard_dir = Path(dirs[codec])
+        disk = _in_child("shards", str(shard_dir), "wds")
+        with serve_folder(shard_dir.parent) as server:  # served from this process, read in a pinned child
+            http = _in_child("shards", f"{server.url}/{shard_dir.name}", "wds")
+            gets = server.tar_gets()
+        ratio = http["samples_per_s"] / disk["samples_per_s"]
+        tars = sum(1 for _ in shard_dir.glob("train-*.tar"))
+        lines.append(f"| wds {codec} | {disk['samples_per_s']:,.0f} | {http['samples_per_s']:,.0f} | {ratio:.2f} | "
+                     f"{'meets' if ratio >= REMOTE_TARGET else 'MISSES'} >= {REMOTE_TARGET} | "
+                     f"{gets} for {http['epochs'] + 1} epochs of {tars} train tars |")
+    return lines
+
+
+def remote_section(dirs: dict[str, Path]) -> str:
+    lines = [f"### Reading over HTTP ({SIZE} px, one core, uint8 batches of {BATCH})", "",
+             "The same shard set read from disk and from a local HTTP server (`tests/http_server.py` on "
+             "127.0.0.1, a thread of the bench process, range requests) through `open_shards(URL, ...)` "
+             "without a cache, so every epoch streams every tar again; reader settings as above. "
+             f"Goal: at least {REMOTE_TARGET} x the disk rate. Tar GETs counted by the server "
+             "(one per tar per epoch, never one per sample).", "",
+             "| shard set | disk samples/s | HTTP samples/s | HTTP / disk | goal | tar GETs |",
+             "|---|---:|---:|---:|---|---|", *remote_rows(dirs)]
+    return "\n".join(lines) + "\n"
+
+
 # --- the section -------------------------------------------------------------------------------------
 
 
@@ -239,7 +276,7 @@ def run(workdir: Path, shard_dir_by_codec: dict | None = None) -> str:
               "HDF5 holds one batch at a time. The tar reader also holds its shuffle buffer of encoded samples "
               "(at most `shuffle_buffer`=1000, about 50 MiB at 224 px raw): it fills with the whole split while "
               "the split is smaller than that, and stays bounded beyond. Throughput here is lower than above "
-              "because every buffer is a fresh mmap."]
+              "because every buffer is a fresh mmap.", "", remote_section(dirs)]
     return "\n".join(lines) + "\n"
 
 
@@ -247,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
     parser.add_argument("--images", type=int, default=IMAGES, help="phantom images to build from")
+    parser.add_argument("--remote-only", action="store_true", help="only the HTTP-against-disk section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -256,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fn(*json.loads(args.args))))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.remote_only:
+        print(remote_section(build_inputs(args.workdir.resolve(), args.images)))
+        return 0
     print(run(args.workdir.resolve(), build_inputs(args.workdir.resolve(), args.images)))
     return 0
 

@@ -118,7 +118,8 @@ def eval_command(
     run: str = typer.Option(..., "--run", help="Run folder written by `cxr train --out RUN`."),
     ckpt: str = typer.Option("best", "--ckpt", help="best | last | PATH of a checkpoint file."),
     split: str = typer.Option("test", "--split", help="Split to evaluate: test | valid | train."),
-    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME or path (default: the one in the run's config.json)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Shard set NAME, path or URL (default: the one in the run's config.json)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="URL shard sets: keep downloaded tars here (default: the run's --cache, else $CXR_CACHE, else stream)."),
     root: Optional[str] = typer.Option(None, "--root", help="Shard root for --shards (default: the run's, else $CXR_SHARDS or ./shards)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval)."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient resamples for the 95% CI of macro AUROC (0 = none)."),
@@ -139,7 +140,7 @@ def eval_command(
     if split not in ("train", "valid", "test"):
         raise EvalError(f"--split {split!r}: expected test, valid or train")
     report = evaluate_run(run, ckpt=ckpt, split=split, shards=shards, root=root, out=out, n_boot=bootstrap,
-                          seed=seed, device=device, batch_size=batch_size, workers=workers, label_map=label_map,
+                          seed=seed, device=device, batch_size=batch_size, workers=workers, label_map=label_map, cache=cache,
                           log=lambda msg: console.print(f"[dim]{msg}[/]"), gallery=gallery, quiet=quiet)
     print_report(report, title=f"{report['run']}: {report['split']} split, pooled over "
                  f"{', '.join(report['per_set'])} ({report['metrics']['n_samples']} images)" if report.get("per_set") else None)

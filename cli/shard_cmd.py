@@ -143,6 +143,41 @@ def verify(
     raise CxrError(f"{path}: {len(report.problems)} problem(s) in {report.files_checked} files checked")
 
 
+@shard_app.command("push")
+def push(
+    shard_set: Annotated[str, typer.Argument(metavar="NAME_OR_PATH", help="Shard set NAME (under --root) or folder.")],
+    url: Annotated[str, typer.Argument(metavar="URL", help="Folder to upload into: s3://BUCKET/PATH, gs://..., or a "
+                                                          "local path.")],
+    root: RootOpt = None,
+) -> None:
+    """Verify a finished shard set and upload it to URL, its card (dataset.json) last."""
+    from cxrshards.remote import push_shards
+
+    path = _resolve(shard_set, root)
+    names = push_shards(path, url, log=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
+    console.print(f"[bold green]pushed[/] {path} -> {url.rstrip('/')}/ ({len(names)} files, card last)",
+                  highlight=False, soft_wrap=True)
+
+
+@shard_app.command("pull")
+def pull(
+    url: Annotated[str, typer.Argument(metavar="URL", help="Shard set folder: http(s)://, s3://, gs://, ...")],
+    root: RootOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", show_default=False,
+                                                help="Folder under ROOT [default: the URL's last part].")] = None,
+) -> None:
+    """Download a shard set from URL into ROOT/NAME (resumable: files already there are kept), then verify it."""
+    from cxrshards.paths import shards_root
+    from cxrshards.remote import check_name, pull_shards
+
+    name = check_name(name or url.rstrip("/").rsplit("/", 1)[-1], url)
+    dest = shards_root(root) / name
+    report = pull_shards(url, dest, log=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
+    samples = ", ".join(f"{s} {n:,}" for s, n in report.samples.items())
+    console.print(f"[bold green]pulled[/] {url} -> {dest}: {report.files_checked} files verified ({samples})",
+                  highlight=False, soft_wrap=True)
+
+
 @shard_app.command("show")
 def show(
     shard_set: Annotated[str, typer.Argument(metavar="NAME_OR_PATH", help="Shard set NAME (under --root) or folder.")],

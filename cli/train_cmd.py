@@ -24,7 +24,7 @@ def _d(name: str) -> str:
 
 @app.command("train")
 def train(
-    shards: Optional[List[str]] = typer.Option(None, "--shards", help="Shard set NAME (under --root) or path to its folder; several (A,B or repeated) train one run over all of them."),
+    shards: Optional[List[str]] = typer.Option(None, "--shards", help="Shard set NAME (under --root), path to its folder, or URL (http(s)://, s3://, gs://); several (A,B or repeated) train one run over all of them."),
     root: Optional[str] = typer.Option(None, "--root", help="Shard root (default: $CXR_SHARDS or ./shards)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder, e.g. runs/nih-r18."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/YAML/JSON file of options; flags override it."),
@@ -40,6 +40,9 @@ def train(
     mix: Optional[str] = typer.Option(None, "--mix", help="Several shard sets: samples per set each epoch: proportional (all of each) | equal (the smallest set's count from each) | W1,W2,... (shares)." + _d("mix")),
     select_on: Optional[str] = typer.Option(None, "--select-on", help="Several shard sets: pick best.pt on this set's valid macro AUROC (default: the pooled valid)."),
     label_map: Optional[str] = typer.Option(None, "--label-map", help="CSV source,label,shared over the built-in label map (manifests/label_map.csv)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="URL --shards: keep downloaded tars in this folder, checked against the card (default: $CXR_CACHE, else stream every epoch)."),
+    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="Size limit of --cache in GiB; least recently used tars leave." + _d("cache_gb")),
+    decode: Optional[str] = typer.Option(None, "--decode", help="cpu: loader workers decode; gpu: JPEG tars decoded on the GPU in batches (nvJPEG)." + _d("decode")),
     # model
     model: Optional[str] = typer.Option(None, "--model", help="resnet18|resnet34|resnet50|resnet101|densenet121|densenet169." + _d("model")),
     init: Optional[str] = typer.Option(None, "--init", help="scratch | imagenet | PATH of a cxr checkpoint (backbone transfer)." + _d("init")),

@@ -62,11 +62,12 @@ class MixSet:
 
 
 def resolve_sets(names: Sequence[str | os.PathLike], root: str | os.PathLike | None,
-                 label_map: LabelMap) -> list[MixSet]:
-    """The shard sets of a run, checked to be readable as one (same size, distinct names)."""
+                 label_map: LabelMap, **remote) -> list[MixSet]:
+    """The shard sets of a run, checked to be readable as one (same size, distinct names). `remote`:
+    `cache`/`cache_gb` for sets given as URLs (`resolve_shard_dir`)."""
     sets = []
     for name in names:
-        shard_dir = resolve_shard_dir(name, root)
+        shard_dir = resolve_shard_dir(name, root, **remote)
         card = read_card(shard_dir)
         shared = label_map.shared_labels(str(card.get("source", "")), list(card["labels"]))
         sets.append(MixSet(str(card.get("name") or shard_dir.name), shard_dir, card, tuple(shared)))

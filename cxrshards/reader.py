@@ -21,10 +21,12 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from cxrshards import plan as planning
+from cxrshards import remote
 from cxrshards.paths import shards_root
 from manifests.errors import CxrError
 
 FORMATS = ("auto", "wds", "hdf5")
+DECODES = ("cpu", "gpu")  # gpu: JPEG tar batches come out encoded, decoded by `.to(device)` (cxrshards.jpeg_batch)
 _IMAGE_EXTS = {b"png": "png", b"jpg": "jpeg", b"jpeg": "jpeg", b"npy": "raw"}
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -39,9 +41,16 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).is_absolute()
 
 
-def resolve_shard_dir(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """The directory of a shard set given as a path, or as a NAME under ROOT; CxrError if there is none."""
+def resolve_shard_dir(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None, *,
+                      cache: str | os.PathLike | None = None, cache_gb: float | None = None) -> Path:
+    """The directory of a shard set given as a path, or as a NAME under ROOT; CxrError if there is none.
+
+    A URL (http(s)://, s3://, gs://, ...) gives its local mirror (card and manifest; see cxrshards.remote),
+    kept under `cache` (default $CXR_CACHE) when given, whose tars the reader then fetches.
+    """
     text = os.fspath(name_or_path)
+    if remote.is_url(text):
+        return remote.mirror(text, cache, cache_gb)
     base = shards_root(root)
     candidates = [Path(text).expanduser()] if _looks_like_path(text) else [base / text, Path(text)]
     for cand in candidates:
@@ -70,7 +79,13 @@ def read_card(name_or_path: str | os.PathLike, root: str | os.PathLike | None = 
 # Low-level readers
 
 
-def _tar_members(f, path: Path) -> Iterator[tuple[bytes, int]]:
+def _verify_hint(path: Path | str) -> str:
+    if isinstance(path, Path):
+        return f"run `cxr shard verify {path.parent}`"
+    return f"pull it with `cxr shard pull {path.rsplit('/', 1)[0]}` to check it"
+
+
+def _tar_members(f, path: Path | str) -> Iterator[tuple[bytes, int]]:
     """Yield (name, size) of each regular file in an open tar, positioned at its data.
 
     The caller may read the data or not: the next header is found by seeking past it, so skipped members
@@ -92,8 +107,7 @@ def _tar_members(f, path: Path) -> Iterator[tuple[bytes, int]]:
             else:
                 size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError as exc:
-            raise CxrError(f"{path}: corrupt tar header at byte {start} ({exc}); "
-                           f"run `cxr shard verify {path.parent}`") from None
+            raise CxrError(f"{path}: corrupt tar header at byte {start} ({exc}); {_verify_hint(path)}") from None
         kind = header[156:157]
         data_at = start + _BLOCK
         if kind in (b"x", b"L"):
@@ -268,9 +282,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_dir: Path, split: str, fmt: str, card: dict, *, seed: int, epoch: int,
                  shuffle: bool, keys: Iterable[str] | None, batch_size: int | None, rank: int,
-                 world_size: int, shuffle_buffer: int):
+                 world_size: int, shuffle_buffer: int, tars: remote.RemoteTars | None = None,
+                 decode: str = "cpu"):
         super().__init__()
         self.shard_dir, self.split, self.format, self.card = shard_dir, split, fmt, card
+        self._tars = tars  # None: the tars are files in shard_dir
+        self.decode = decode
         self.seed, self.epoch, self.shuffle = int(seed), int(epoch), bool(shuffle)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle_buffer = int(shuffle_buffer)
@@ -301,8 +318,12 @@ class ShardStream(IterableDataset):
             names, codes = np.unique(table["shard"].to_numpy(dtype=str), return_inverse=True)
             self._shard_names = [str(n) for n in names]
             self._shard_code = codes.astype(np.int32)
-            missing = [n for n in self._shard_names if not (self.shard_dir / n).is_file()]
+            exists = self._tars.has if self._tars is not None else (lambda n: (self.shard_dir / n).is_file())
+            missing = [n for n in self._shard_names if not exists(n)]
             if missing:
+                if self._tars is not None:
+                    raise CxrError(f"{self._tars.url}: manifest.parquet names shard {missing[0]}, which the card "
+                                   f"does not list ({len(missing)} such); the set is damaged")
                 raise CxrError(f"{self.shard_dir}: shard {missing[0]} is missing ({len(missing)} missing); "
                                f"run `cxr shard verify {self.shard_dir}` and rebuild")
         else:
@@ -444,12 +465,17 @@ class ShardStream(IterableDataset):
             return
         codes = self._shard_code[rows]
         for run in np.split(rows, np.flatnonzero(np.diff(codes)) + 1):
-            path = self.shard_dir / self._shard_names[self._shard_code[run[0]]]
-            yield from self._read_tar(path, dict(zip(self._keys[run].tolist(), run.tolist())))
+            name = self._shard_names[self._shard_code[run[0]]]
+            wanted = dict(zip(self._keys[run].tolist(), run.tolist()))
+            if self._tars is None:
+                path = self.shard_dir / name
+                yield from self._read_tar(path, wanted, open(path, "rb", buffering=1 << 20))
+            else:
+                yield from self._read_tar(self._tars.where(name), wanted, self._tars.open(name))
 
     @staticmethod
-    def _read_tar(path: Path, wanted: dict[bytes, int]) -> Iterator[tuple[int, bytes, str]]:
-        with open(path, "rb", buffering=1 << 20) as f:
+    def _read_tar(path: Path | str, wanted: dict[bytes, int], opened) -> Iterator[tuple[int, bytes, str]]:
+        with opened as f:
             for name, size in _tar_members(f, path):
                 key, _, ext = name.partition(b".")
                 row = wanted.get(key)
@@ -458,14 +484,14 @@ class ShardStream(IterableDataset):
                 data = f.read(size)
                 if len(data) != size:
                     raise CxrError(f"{path}: truncated at member {name.decode(errors='replace')}; "
-                                   f"run `cxr shard verify {path.parent}`")
+                                   f"{_verify_hint(path)}")
                 del wanted[key]
                 yield row, data, _IMAGE_EXTS[ext]
                 if not wanted:
                     return
         if wanted:
             raise CxrError(f"{path}: {len(wanted)} samples listed in manifest.parquet are not in the tar "
-                           f"(e.g. {next(iter(wanted)).decode()}); run `cxr shard verify {path.parent}`")
+                           f"(e.g. {next(iter(wanted)).decode()}); {_verify_hint(path)}")
 
     def _decode(self, decode, data: bytes, codec: str, row: int) -> np.ndarray:
         where = f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()}"
@@ -483,6 +509,9 @@ class ShardStream(IterableDataset):
                        torch.from_numpy(self._label_values[row].copy()), self._keys[row].decode())
             return
         records = iter(records)
+        if self.decode == "gpu":
+            yield from self._emit_encoded(records, sizes)
+            return
         for b in sizes.tolist():
             images = torch.empty((b, 1, self.size, self.size), dtype=torch.uint8)
             out = images.numpy()
@@ -495,6 +524,24 @@ class ShardStream(IterableDataset):
             if got != b:  # cannot happen with a consistent plan; never yield a short batch silently
                 raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
             yield self._collate(images, rows)
+
+    def _emit_encoded(self, records: Iterator, sizes: np.ndarray) -> Iterator:
+        """Batches of encoded JPEGs (`EncodedJpegBatch`): the trainer decodes them on its device."""
+        from cxrshards.jpeg_batch import EncodedJpegBatch
+
+        for b in sizes.tolist():
+            batch = list(itertools.islice(records, b))
+            if len(batch) != b:
+                raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
+            rows = np.array([row for row, _, _ in batch], dtype=np.int64)
+            for row, _, codec in batch:
+                if codec != "jpeg":
+                    raise CxrError(f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()} is {codec}, "
+                                   f"not JPEG: --decode gpu reads JPEG tars only")
+            images, labels, keys = self._collate(None, rows)
+            data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d, _ in batch]
+            yield EncodedJpegBatch(data, self.size, keys, f"{self._tars.url if self._tars else self.shard_dir}"), \
+                labels, keys
 
     def _collate(self, images: torch.Tensor, rows: np.ndarray):
         return (images, torch.from_numpy(self._label_values[rows]),
@@ -534,14 +581,19 @@ class ShardStream(IterableDataset):
 def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None,
                 format: str = "auto", seed: int = 0, epoch: int = 0, shuffle: bool | None = None,
                 keys: Iterable[str] | None = None, batch_size: int | None = None, rank: int | None = None,
-                world_size: int | None = None, shuffle_buffer: int = 1000) -> ShardStream:
-    """Open one split of a shard set (a path, or a NAME under ROOT) as a `ShardStream`.
+                world_size: int | None = None, shuffle_buffer: int = 1000, cache: str | os.PathLike | None = None,
+                cache_gb: float | None = None, decode: str = "cpu") -> ShardStream:
+    """Open one split of a shard set (a path, a NAME under ROOT, or a URL) as a `ShardStream`.
 
-    format: "auto" (hdf5 when SPLIT.h5 exists, else wds), "wds" or "hdf5". shuffle defaults to True for
+    format: "auto" (hdf5 when SPLIT.h5 exists, else wds; wds for a URL with tars), "wds" or "hdf5". shuffle defaults to True for
     train only. keys: read only these (never decoding the rest). batch_size: yield collated batches, every
     rank the same number. rank/world_size: default from torch.distributed when initialised, else 0/1.
+    A URL streams its tars (through `cache`, default $CXR_CACHE, when given, holding at most `cache_gb`
+    GiB): see cxrshards.remote. decode="gpu" (JPEG tars, batches only) yields each batch's images still
+    encoded, as a `cxrshards.jpeg_batch.EncodedJpegBatch` that `.to(device)` decodes in one batched call.
     """
-    shard_dir = resolve_shard_dir(name_or_path, root)
+    shard_dir = resolve_shard_dir(name_or_path, root, cache=cache, cache_gb=cache_gb)
+    tars = remote.remote_tars(shard_dir)
     card = read_card(shard_dir)
     splits = {name: int((info or {}).get("count", 0)) for name, info in card.get("splits", {}).items()}
     if splits.get(split, 0) <= 0:
@@ -550,11 +602,14 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
     if format not in FORMATS:
         raise CxrError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     h5_path = shard_dir / f"{split}.h5"
-    has = {"hdf5": h5_path.is_file(),
+    has = {"hdf5": h5_path.is_file() or (tars is not None and tars.has(h5_path.name)),
            "wds": any(f.get("split") == split and str(f.get("file", "")).endswith(".tar")
                       for f in card.get("files", [])) or any(shard_dir.glob(f"{split}-*.tar"))}
-    if format == "auto":
-        format = "hdf5" if has["hdf5"] else "wds"
+    if format == "auto":  # a URL set (HDF5 is local only) and --decode gpu read the tars when there are some
+        format = "hdf5" if has["hdf5"] and not ((tars is not None or decode == "gpu") and has["wds"]) else "wds"
+    if tars is not None and format == "hdf5":
+        raise CxrError(f"{tars.url}: HDF5 shards are read from local disk only; pull the set first "
+                       f"(`cxr shard pull {tars.url} --root ROOT`) and open ROOT/NAME, or read its tars (--format wds)")
     if not has[format]:
         present = [f for f in ("wds", "hdf5") if has[f]] or ["none"]
         raise CxrError(f"{shard_dir} has no {format} shards for {split!r} (formats present: "
@@ -563,10 +618,17 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
         raise CxrError(f"batch_size must be a positive integer or None, not {batch_size!r}")
     if shuffle_buffer < 0:
         raise CxrError(f"shuffle_buffer must be >= 0, not {shuffle_buffer}")
+    if decode not in DECODES:
+        raise CxrError(f"decode must be one of {', '.join(DECODES)}, not {decode!r}")
+    if decode == "gpu" and (format != "wds" or card.get("codec") != "jpeg" or batch_size is None):
+        raise CxrError(f"--decode gpu reads JPEG tars in batches; {shard_dir} gives {format} "
+                       f"{card.get('codec')} shards{'' if batch_size else ' without a batch size'}: rebuild with "
+                       f"`cxr shard build ... --codec jpeg` or use --decode cpu")
     rank, world_size = _dist_rank(rank, world_size)
     return ShardStream(shard_dir, split, format, card, seed=seed, epoch=epoch,
                        shuffle=(split == "train") if shuffle is None else shuffle, keys=keys,
-                       batch_size=batch_size, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer)
+                       batch_size=batch_size, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
+                       tars=tars, decode=decode)
 
 
 # --------------------------------------------------------------------------------------------------

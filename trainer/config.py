@@ -20,6 +20,7 @@ AUGMENTS = ("light", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("auto", "wds", "hdf5")
+DECODES = ("cpu", "gpu")
 
 
 class ConfigError(CxrError):
@@ -29,7 +30,7 @@ class ConfigError(CxrError):
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data: which shard set, which labels, which samples each epoch
-    shards: tuple[str, ...] = ()            # shard set names (under root) or folder paths; several = one run over
+    shards: tuple[str, ...] = ()            # shard set names (under root), folder paths or URLs; several = one run over
                                             # all (cxrshards.mix); a "a,b" string is split at commas
     root: str | None = None                 # shard root; None: $CXR_SHARDS or ./shards
     format: str = "auto"                    # reader format: auto | wds | hdf5
@@ -41,6 +42,9 @@ class TrainConfig:
     mix: str = "proportional"               # several sets: proportional | equal | W1,W2,... (cxrshards.mix)
     select_on: str | None = None            # several sets: best.pt on this set's valid macro AUROC; None = pooled
     label_map: str | None = None            # CSV source,label,shared over the built-in label map (manifests.labelmap)
+    cache: str | None = None                # URL sets: keep downloaded tars here; None: $CXR_CACHE, else stream
+    cache_gb: float = 100.0                 # URL sets: size limit of the tar cache (GiB), least recently used out
+    decode: str = "cpu"                     # cpu (loader workers) | gpu (JPEG tars decoded on the GPU in batches)
 
     # --- model
     model: str = "resnet18"                 # resnet18|34|50|101, densenet121|169 (1-channel input)
@@ -131,6 +135,7 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("device", DEVICES)
         choice("format", FORMATS)
+        choice("decode", DECODES)
         if not self.init:
             raise ConfigError("--init must be scratch, imagenet or a checkpoint path")
         positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
@@ -167,6 +172,8 @@ class TrainConfig:
                 raise ConfigError(str(exc)) from None
         if len(self.shards) < 2 and self.select_on is not None:
             raise ConfigError(f"--select-on {self.select_on}: needs several shard sets (--shards A,B)")
+        if not self.cache_gb > 0:
+            raise ConfigError(f"--cache-gb {self.cache_gb}: must be > 0")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"--labels {','.join(self.labels)}: a label is listed twice")
 
@@ -192,7 +199,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             return tuple(float(v) for v in value)
-        if key in ("lr", "weight_decay", "momentum", "gamma", "min_lr", "focal_gamma", "focal_alpha"):
+        if key in ("lr", "weight_decay", "momentum", "gamma", "min_lr", "focal_gamma", "focal_alpha", "cache_gb"):
             return float(value)
         if key in ("max_per_label", "workers", "shuffle_buffer", "stage", "step_size", "warmup", "epochs",
                    "batch_size", "early_stop", "seed"):
@@ -203,7 +210,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if key in ("mix", "select_on", "label_map", "root", "format", "model", "init", "imagenet_weights", "task", "loss",
+        if key in ("mix", "select_on", "label_map", "root", "cache", "decode", "format", "model", "init", "imagenet_weights", "task", "loss",
                    "optimizer", "scheduler", "augment", "precision", "device", "out", "resume"):
             return str(value)
     except (TypeError, ValueError):
@@ -256,4 +263,4 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
 
 # Fields that may change between a run and its --resume: they do not change the arithmetic.
 RESUMABLE_CHANGES = frozenset({"epochs", "early_stop", "workers", "device", "out", "resume", "compile",
-                               "root", "shards", "quiet", "log_every"})
+                               "root", "shards", "quiet", "log_every", "cache", "cache_gb"})

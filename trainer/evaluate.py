@@ -116,6 +116,7 @@ def evaluate_run(
     workers: int = 0,
     format: str = "auto",
     label_map: str | Path | None = None,
+    cache: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     gallery: bool = True,
     quiet: bool = False,
@@ -127,7 +128,8 @@ def evaluate_run(
     split (Youden per label); with no valid split they stay at 0.5. `gallery`: also gallery.png
     (`trainer.cam.write_gallery`); `quiet`: no progress while predicting. Any other set is an external
     evaluation (`trainer.external.evaluate_external`, labels matched through `label_map`), written to
-    RUN/eval/NAME/ (or `out`).
+    RUN/eval/NAME/ (or `out`). A URL set keeps its tars in `cache` (default: the run's --cache, else
+    $CXR_CACHE) when given.
     """
     import cxrshards
     from manifests import __version__
@@ -156,7 +158,8 @@ def evaluate_run(
         shards_ref, root_ref = shards, root
     if not shards_ref:
         raise EvalError(f"{run_dir}/config.json names no shard set: pass --shards NAME_OR_PATH")
-    shard_dir = cxrshards.resolve_shard_dir(shards_ref, root_ref)
+    shard_dir = cxrshards.resolve_shard_dir(shards_ref, root_ref, cache=cache if cache is not None else cfg.get("cache"),
+                                            cache_gb=cfg.get("cache_gb"))
     sha = card_sha256(shard_dir)
     if sha != run_card_sha256(loaded):   # another shard set: an external evaluation
         return evaluate_external(loaded, shard_dir, split=split, label_map=label_map, out=out, n_boot=n_boot,

@@ -139,6 +139,8 @@ class RunData:
     def open(self, cfg: TrainConfig, split: str, **kwargs):
         if self.sets is None:
             return cxrshards.open_shards(self.shard_dir, split, **kwargs)
+        if kwargs.pop("decode", "cpu") != "cpu":
+            raise ConfigError("--decode gpu reads one shard set; a run over several decodes on the CPU")
         return mix.open_mix(self.sets, split, self.labels, mix=cfg.mix if split == "train" else "proportional",
                             **{k: v for k, v in kwargs.items() if k != "root"})
 
@@ -164,7 +166,7 @@ class RunData:
 def run_data(cfg: TrainConfig, label_map: LabelMap) -> RunData:
     """Labels, normalisation and card identity of the run's shard set(s)."""
     if len(cfg.shards) > 1:
-        sets = mix.resolve_sets(cfg.shards, cfg.root, label_map)
+        sets = mix.resolve_sets(cfg.shards, cfg.root, label_map, cache=cfg.cache, cache_gb=cfg.cache_gb)
         if cfg.select_on is not None and cfg.select_on not in [s.name for s in sets]:
             raise ConfigError(f"--select-on {cfg.select_on!r}: not one of this run's shard sets "
                               f"({', '.join(s.name for s in sets)})")
@@ -173,7 +175,7 @@ def run_data(cfg: TrainConfig, label_map: LabelMap) -> RunData:
             else mix.pooled_normalisation(sets)
         sha = hashlib.sha256("".join(card_sha256(s.shard_dir) + "\n" for s in sets).encode()).hexdigest()
         return RunData(labels, None, list(labels), mean, std, sha, "+".join(s.name for s in sets), None, sets)
-    shard_dir = cxrshards.resolve_shard_dir(cfg.shards[0], cfg.root)
+    shard_dir = cxrshards.resolve_shard_dir(cfg.shards[0], cfg.root, cache=cfg.cache, cache_gb=cfg.cache_gb)
     card = cxrshards.read_card(shard_dir)
     labels, label_index = resolve_labels(list(card["labels"]), cfg.labels)
     mean, std = _normalisation(cfg, card)
@@ -391,8 +393,10 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     loss_fn = make_loss(cfg.loss, pos_weight=pos_weight, gamma=cfg.focal_gamma, alpha=cfg.focal_alpha)
     common = dict(root=None, format=cfg.format, seed=cfg.seed, batch_size=cfg.batch_size,
                   rank=info.rank, world_size=info.world_size)
+    if cfg.decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"--decode gpu decodes JPEGs on the GPU, but the device is {device}: use --decode cpu")
     train_stream = data.open(cfg, "train", epoch=start_epoch, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
-                             **common)
+                             decode=cfg.decode, **common)
     valid_stream = data.open(cfg, "valid", shuffle=False, **common)
     if cfg.views:
         valid_stream.set_keys(table.loc[table["split"] == "valid", "key"].tolist())

@@ -1,0 +1,428 @@
+"""Shard sets at a URL (http(s)://, s3://, gs://, any fsspec protocol): read in place, pushed, pulled.
+
+The rules:
+- Every file goes through fsspec (`url_to_fs`, `fs.open`), so each protocol takes the same path here.
+- A URL names a shard-set folder. Its card (dataset.json) is read first, then manifest.parquet, checked
+  against the card's manifest_sha256. Both land in a local *mirror* folder (CACHE/sets/CARD_SHA when a
+  cache is given, else a temporary folder removed when the process exits) with remote.json naming the URL;
+  the reader treats the mirror as a local set and asks `remote_tars(mirror)` how to open each tar.
+- File names in a remote card are plain names in the set's folder (letters, digits, `._-`, no `..`, no
+  `/`, no `%`): anything else is refused before anything is downloaded.
+- Tars are read front to back in 64 MiB blocks held in a local buffer: one ranged GET per 64 MiB of tar
+  (one per tar up to that size), never one per sample.
+- With a cache (`--cache DIR` or $CXR_CACHE) a tar is downloaded whole to a temporary name, checked against
+  the card's sha256 and only then renamed to CACHE/tars/SHA256.tar; the least recently used tars leave
+  once the cache passes its size limit. A partial or corrupt download never enters.
+- Every network read is retried with exponential backoff (`RetryPolicy`); then a one-line CxrError names
+  the URL. HDF5 is read from local disk only (`cxr shard pull` first).
+- `push_shards` uploads a verified set with the card last (a reader never sees half a set); `pull_shards`
+  downloads one (card last, so an interrupted pull looks unfinished) and runs `verify_shards` on it.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from cxrshards.card import CARD_NAME, MANIFEST_NAME, REJECTS_NAME
+from manifests.atomic import atomic_path, write_bytes_atomic
+from manifests.errors import CxrError
+
+REMOTE_NAME = "remote.json"                  # in a mirror folder: where its tars live
+CACHE_ENV = "CXR_CACHE"
+DEFAULT_CACHE_GB = 100.0
+READ_BLOCK = 64 << 20                        # read-ahead of a remote tar: one ranged GET per this many bytes
+_COPY_CHUNK = 8 << 20
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+T = TypeVar("T")
+
+
+class RemoteError(CxrError):
+    """A remote shard set could not be read or written: names the URL and what went wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    tries: int = 5                 # attempts of one network call in all
+    backoff_s: float = 0.5         # wait before the 2nd attempt; doubles each time (0.5, 1, 2, 4 s)
+
+
+RETRY = RetryPolicy()
+
+
+def is_url(text: str | os.PathLike) -> bool:
+    """True for `scheme://...` with a scheme other than file/local (those are plain paths)."""
+    import fsspec.core
+
+    text = os.fspath(text)
+    if "://" not in text:
+        return False
+    return fsspec.core.split_protocol(text)[0] not in (None, "file", "local")
+
+
+def join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def check_name(name: str, where: str) -> str:
+    """`name` if it is a plain file name inside the set's folder, else RemoteError."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise RemoteError(f"{where}: file name {name!r} is not a plain name inside the shard set's folder; "
+                          f"refusing to read it")
+    return name
+
+
+def with_retries(url: str, action: Callable[[], T], retry: RetryPolicy | None = None) -> T:
+    """`action()`, retried with backoff on network errors; a missing file or a CxrError is not retried."""
+    retry = retry or RETRY
+    for attempt in range(retry.tries):
+        try:
+            return action()
+        except (CxrError, FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - aiohttp, botocore and OSError all signal network trouble
+            if attempt + 1 == retry.tries:
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                raise RemoteError(f"{url}: {type(exc).__name__}: {reason} (gave up after {retry.tries} tries)") \
+                    from None
+            time.sleep(retry.backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(pid: int, protocol: str):
+    """One filesystem per process and protocol, never fsspec's shared instance: a DataLoader worker forked
+    from this process drops fsspec's cached instances, and finalizing one there breaks this process's
+    pooled connections. This cache keeps a reference in the child too, so nothing is finalized there."""
+    import fsspec
+
+    return fsspec.filesystem(protocol, skip_instance_cache=True)
+
+
+def _fs(url: str):
+    """(filesystem, path) for `url`."""
+    import fsspec.core
+
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    try:
+        fs = _filesystem(os.getpid(), protocol)
+    except ImportError as exc:
+        raise RemoteError(f"{url}: this protocol needs an extra package ({exc}); e.g. pip install 'cxr[s3]' "
+                          f"or 'cxr[gcs]'") from None
+    except ValueError as exc:
+        raise RemoteError(f"{url}: not a URL fsspec can open ({exc})") from None
+    return fs, fs._strip_protocol(url)
+
+
+def fetch_bytes(url: str, retry: RetryPolicy | None = None) -> bytes:
+    fs, path = _fs(url)
+    try:
+        return with_retries(url, lambda: fs.cat_file(path), retry)
+    except FileNotFoundError:
+        raise RemoteError(f"{url}: not found") from None
+    except PermissionError as exc:
+        raise RemoteError(f"{url}: access denied ({exc}); check the credentials "
+                          f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading in place: the mirror folder and its tars
+
+
+def card_files(card: dict, where: str) -> dict[str, str]:
+    """{file name: sha256} of the card's shard files, every name checked."""
+    out = {}
+    for entry in card.get("files", []):
+        out[check_name(str(entry.get("file")), where)] = str(entry.get("sha256"))
+    return out
+
+
+def read_remote_card(url: str, retry: RetryPolicy | None = None) -> tuple[bytes, dict]:
+    card_url = join(url, CARD_NAME)
+    try:
+        raw = fetch_bytes(card_url, retry)
+    except RemoteError as exc:
+        if str(exc).endswith(": not found"):
+            raise RemoteError(f"{url} is not a shard set: it has no {CARD_NAME} (an unfinished push?)") from None
+        raise
+    try:
+        card = json.loads(raw)
+    except ValueError as exc:
+        raise RemoteError(f"{card_url}: unreadable card ({exc})") from None
+    if not isinstance(card, dict):
+        raise RemoteError(f"{card_url}: the card is not a JSON object")
+    card_files(card, card_url)
+    return raw, card
+
+
+@functools.lru_cache(maxsize=None)
+def _temp_mirrors(pid: int) -> Path:
+    """This process's folder of mirrors when no cache is given; removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix="cxr-remote-"))
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+def mirror(url: str, cache: str | os.PathLike | None = None, cache_gb: float | None = None,
+           retry: RetryPolicy | None = None) -> Path:
+    """The local mirror folder of the shard set at `url` (card, manifest.parquet, remote.json)."""
+    url = url.rstrip("/")
+    raw, card = read_remote_card(url, retry)
+    cache = cache if cache is not None else (os.environ.get(CACHE_ENV) or None)
+    base = Path(cache).expanduser() / "sets" if cache else _temp_mirrors(os.getpid())
+    folder = base / hashlib.sha256(raw).hexdigest()[:24]
+    remote = {"url": url, "cache": str(Path(cache).expanduser().resolve()) if cache else None,
+              "cache_gb": float(cache_gb if cache_gb is not None else DEFAULT_CACHE_GB)}
+    card_path = folder / CARD_NAME
+    if not (card_path.is_file() and card_path.read_bytes() == raw):
+        manifest_url = join(url, MANIFEST_NAME)
+        data = fetch_bytes(manifest_url, retry)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != card.get("manifest_sha256"):
+            raise RemoteError(f"{manifest_url}: sha256 {sha[:12]}... does not match the card's manifest_sha256 "
+                              f"({str(card.get('manifest_sha256'))[:12]}...); the set changed while read or is "
+                              f"damaged")
+        write_bytes_atomic(folder / MANIFEST_NAME, data)
+        write_bytes_atomic(folder / REMOTE_NAME, (json.dumps(remote, indent=2) + "\n").encode())
+        write_bytes_atomic(card_path, raw)        # last: a mirror with its card is complete
+    elif json.loads((folder / REMOTE_NAME).read_text()) != remote:
+        write_bytes_atomic(folder / REMOTE_NAME, (json.dumps(remote, indent=2) + "\n").encode())
+    return folder
+
+
+class RemoteTars:
+    """How the reader opens the tars of a mirror: in place over the network, or through the cache.
+
+    Picklable (DataLoader workers get a copy); filesystems are made in the process that reads.
+    """
+
+    def __init__(self, url: str, files: dict[str, str], cache: str | None, cache_gb: float,
+                 retry: RetryPolicy | None = None):
+        self.url, self.files, self.retry = url, files, retry
+        self.cache = TarCache(Path(cache), cache_gb) if cache else None
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def where(self, name: str) -> str:
+        return join(self.url, name)
+
+    def open(self, name: str):
+        """A readable, seekable binary file of tar `name` (front-to-back reads are cheapest)."""
+        url = join(self.url, check_name(name, self.url))
+        if self.cache is not None:
+            return open(self.cache.get_or_fetch(url, self.files[name], self.retry), "rb", buffering=1 << 20)
+        return RemoteFile(url, self.retry)
+
+
+def remote_tars(shard_dir: Path, retry: RetryPolicy | None = None) -> RemoteTars | None:
+    """The `RemoteTars` of a mirror folder; None for a local shard set."""
+    path = Path(shard_dir) / REMOTE_NAME
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    card = json.loads((Path(shard_dir) / CARD_NAME).read_text())
+    return RemoteTars(info["url"], card_files(card, info["url"]), info.get("cache"),
+                      float(info.get("cache_gb", DEFAULT_CACHE_GB)), retry)
+
+
+class RemoteFile:
+    """A remote file read front to back in blocks of `block` bytes, one ranged GET each, held in a local
+    buffer: the reader's many small reads and seeks cost a slice, not a call through fsspec. A failed
+    block fetch is retried (reopening the file) with backoff, then a RemoteError names the URL."""
+
+    def __init__(self, url: str, retry: RetryPolicy | None = None, block: int = READ_BLOCK):
+        self.url, self.retry, self.block = url, retry, block
+        self._fs, self._path = _fs(url)
+        self._pos = 0
+        self._buf, self._buf_start = b"", 0
+        self._f = None
+        try:
+            with_retries(self.url, self._open, self.retry)
+        except FileNotFoundError:
+            raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
+
+    def _open(self) -> None:
+        self._f = self._fs.open(self._path, "rb", block_size=self.block, cache_type="none")
+
+    def _fetch(self, pos: int, length: int) -> bytes:
+        if self._f is None:
+            self._open()
+        try:
+            self._f.seek(pos)
+            return self._f.read(length)
+        except Exception:
+            self._f = None          # the next try reopens
+            raise
+
+    def read(self, n: int = -1) -> bytes:
+        off = self._pos - self._buf_start
+        if 0 <= n and 0 <= off and off + n <= len(self._buf):
+            data = self._buf[off:off + n]
+        else:
+            length = -1 if n < 0 else max(n, self.block)
+            pos = self._pos
+            block = with_retries(self.url, lambda: self._fetch(pos, length), self.retry)
+            self._buf, self._buf_start = block, pos
+            data = block if n < 0 else block[:n]
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise ValueError("RemoteFile seeks from the start only")
+        self._pos = int(pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._buf = b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The tar cache
+
+
+class TarCache:
+    """CACHE/tars/SHA256.tar, each checked before it enters; least recently used out past `max_gb`."""
+
+    def __init__(self, root: Path, max_gb: float):
+        self.root, self.max_bytes = Path(root), int(max_gb * 2**30)
+        self.tars = self.root / "tars"
+
+    def path(self, sha256: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+            raise RemoteError(f"{self.root}: {sha256!r} is not a sha256; the card is damaged")
+        return self.tars / f"{sha256}.tar"
+
+    def get_or_fetch(self, url: str, sha256: str, retry: RetryPolicy | None = None) -> Path:
+        path = self.path(sha256)
+        try:
+            os.utime(path)               # recently used
+            return path
+        except FileNotFoundError:
+            pass
+        download(url, path, sha256, retry)
+        self.evict(keep=path)
+        return path
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used tars until the cache holds at most its limit; returns those removed."""
+        entries = []
+        for p in self.tars.glob("*.tar"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:    # another process evicted it
+                continue
+            entries.append((st.st_mtime_ns, p.name, p, st.st_size))
+        total = sum(e[3] for e in entries)
+        removed = []
+        for _, _, p, size in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if p == keep:
+                continue
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            total -= size
+            removed.append(p)
+        return removed
+
+
+def download(url: str, dest: Path, sha256: str | None, retry: RetryPolicy | None = None) -> Path:
+    """Copy `url` to `dest` through a temporary name; checked against `sha256` (if given) before the rename."""
+    fs, path = _fs(url)
+
+    def attempt():
+        with atomic_path(dest) as tmp:
+            digest = hashlib.sha256()
+            with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead") as src, open(tmp, "wb") as out:
+                while chunk := src.read(_COPY_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            got = digest.hexdigest()
+            if sha256 is not None and got != sha256:
+                raise RemoteError(f"{url}: downloaded sha256 {got[:12]}... does not match the card's "
+                                  f"{sha256[:12]}...; not kept")
+    try:
+        with_retries(url, attempt, retry)
+    except FileNotFoundError:
+        raise RemoteError(f"{url}: not found (listed in the card but missing)") from None
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# Publishing and fetching whole sets
+
+
+def push_shards(shard_dir: str | os.PathLike, url: str, retry: RetryPolicy | None = None,
+                log: Callable[[str], None] = lambda _m: None) -> list[str]:
+    """Verify the local set, upload its files to `url`, the card last; returns the names uploaded."""
+    from cxrshards.verify import verify_shards
+
+    shard_dir = Path(shard_dir)
+    report = verify_shards(shard_dir)
+    if not report.ok:
+        raise RemoteError(f"{shard_dir}: not pushed, `cxr shard verify` finds {len(report.problems)} problem(s), "
+                          f"e.g. {report.problems[0]}")
+    card = json.loads((shard_dir / CARD_NAME).read_text())
+    names = [*card_files(card, str(shard_dir / CARD_NAME)), MANIFEST_NAME, REJECTS_NAME]
+    names += [n for n in ("build.json",) if (shard_dir / n).is_file()]
+    url = os.fspath(url).rstrip("/")
+    fs, base = _fs(url)
+    with_retries(url, lambda: fs.makedirs(base, exist_ok=True), retry)
+    for name in [*names, CARD_NAME]:       # the card last
+        target = join(url, name)
+        _, path = _fs(target)
+        log(f"push {name}")
+        with_retries(target, lambda: fs.put_file(str(shard_dir / name), path), retry)
+    return [*names, CARD_NAME]
+
+
+def pull_shards(url: str, dest: str | os.PathLike, retry: RetryPolicy | None = None,
+                log: Callable[[str], None] = lambda _m: None):
+    """Download the set at `url` into `dest` (files already there with the right sha256 are kept), the card
+    last, then `verify_shards(dest)`; returns its report. RemoteError on any problem."""
+    from cxrshards.verify import verify_shards
+    from cxrshards.writers import sha256_file
+
+    url = url.rstrip("/")
+    raw, card = read_remote_card(url, retry)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = {**card_files(card, join(url, CARD_NAME)), MANIFEST_NAME: card.get("manifest_sha256"),
+              REJECTS_NAME: None}
+    for name, sha in wanted.items():
+        target = dest / name
+        if sha is not None and target.is_file() and sha256_file(target) == sha:
+            continue
+        log(f"pull {name}")
+        download(join(url, name), target, sha, retry)
+    write_bytes_atomic(dest / CARD_NAME, raw)     # last: the set is complete
+    report = verify_shards(dest)
+    if not report.ok:
+        raise RemoteError(f"{dest}: pulled from {url}, but `cxr shard verify` finds {len(report.problems)} "
+                          f"problem(s), e.g. {report.problems[0]}")
+    return report

@@ -1,0 +1,122 @@
+"""TEST FIXTURE: a real HTTP server over a folder, bound to 127.0.0.1, for remote shard-set tests and the bench.
+
+Serves GET (with single `Range: bytes=A-B` requests, as fsspec's HTTP files send them) and HEAD, counts the
+GETs per path, and can be told to fail: `fail_next[path] = n` answers the next n GETs of that path with
+500, `drop_after[path] = n` sends the headers and only n bytes of the body, then closes the connection.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+
+
+class FolderServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder).resolve()
+        self.gets: collections.Counter[str] = collections.Counter()
+        self.fail_next: dict[str, int] = {}
+        self.drop_after: dict[str, int] = {}
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def tar_gets(self) -> int:
+        return sum(n for path, n in self.gets.items() if path.endswith(".tar"))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FolderServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _file(self) -> Path | None:
+        rel = self.path.split("?", 1)[0].lstrip("/")
+        path = (self.server.folder / rel).resolve()
+        if self.server.folder not in path.parents or not path.is_file():
+            return None
+        return path
+
+    def do_HEAD(self) -> None:
+        path = self._file()
+        if path is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        rel = self.path.split("?", 1)[0]
+        with self.server.lock:
+            self.server.gets[rel] += 1
+            failing = self.server.fail_next.get(rel, 0)
+            if failing:
+                self.server.fail_next[rel] = failing - 1
+            drop = self.server.drop_after.pop(rel, None)
+        if failing:
+            self.send_error(500, "injected failure")
+            return
+        path = self._file()
+        if path is None:
+            self.send_error(404)
+            return
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        match = _RANGE.match(self.headers.get("Range", ""))
+        if match and (match.group(1) or match.group(2)):
+            if match.group(1):
+                start = int(match.group(1))
+                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+            else:
+                start = max(0, size - int(match.group(2)))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            self.send_response(200)
+        length = max(0, end - start + 1)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            left = length if drop is None else min(length, drop)
+            while left > 0:
+                chunk = fh.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                left -= len(chunk)
+        if drop is not None:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(2)
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str | os.PathLike) -> Iterator[FolderServer]:
+    """Serve `folder` on 127.0.0.1 (a free port) for the duration of the block."""
+    server = FolderServer(Path(folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

