@@ -151,7 +151,7 @@ def manifest_options(
         table=str(table) if table is not None else None,
         path_col=path_col,
         patient_col=patient_col,
-        label_cols=parse_views(label_cols),
+        label_cols=parse_label_cols(label_cols),
         study_col=study_col,
         view_col=view_col,
         split_col=split_col,
@@ -162,6 +162,15 @@ def manifest_options(
 def parse_views(text: str) -> tuple[str, ...]:
     """'PA,AP' -> ('PA', 'AP'); '' -> () (all views). Also splits --label-cols."""
     return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+
+
+def parse_label_cols(text: str) -> tuple[str, ...]:
+    """'A,B' -> ('A', 'B'); a column named twice is an error (it would silently become one label)."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise ManifestError(f"--label-cols names {', '.join(repr(c) for c in twice)} twice")
+    return tuple(names)
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:

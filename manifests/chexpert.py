@@ -36,6 +36,7 @@ from manifests.splits import patient_splits
 from manifests.table import KEY_PATTERN, concat_rejects, make_rejects
 from manifests.vocab import CHEXPERT_LABELS
 
+DEFAULT_VALID_FRACTION = ManifestOptions.__dataclass_fields__["valid_fraction"].default
 FILES = ("train.csv", "valid.csv", "test.csv")     # test.csv (the later test labels) is optional
 VIEWS = ("AP", "PA", "LL", "RL", "LATERAL")
 PATH_PATTERN = (r"^(?:(?P<top>[^/]+)/)?(?P<dir>[^/]+)/(?P<patient>patient[0-9]+)/(?P<study>study[0-9]+)/"
@@ -149,6 +150,9 @@ def _splits(table: pd.DataFrame, files: list[Path], options: ManifestOptions) ->
     _audit_files(table, files)
     file = table["file"].to_numpy()
     if len(files) == 3:
+        if options.valid_fraction != DEFAULT_VALID_FRACTION:
+            raise ManifestError(f"{files[2]}: with test.csv, valid is valid.csv, so --valid-fraction "
+                                f"{options.valid_fraction} would be ignored; drop it (or use --split random)")
         return pd.Series(np.array(["train", "valid", "test"], dtype=object)[file], dtype="str")
     train = file == 0
     fractions = (1.0 - options.valid_fraction, options.valid_fraction)

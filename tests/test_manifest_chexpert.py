@@ -174,6 +174,9 @@ def test_with_test_csv_each_file_is_its_split(tmp_path, split):
     folder = table["path"].str.split("/").str[1]
     assert (folder.map({"train": "train", "valid": "valid", "test": "test"}) == table["split"]).all()
     assert table["split"].value_counts().to_dict() == {"train": len(TRAIN), "valid": len(VALID), "test": len(TEST)}
+    with pytest.raises(ManifestError, match=r"test.csv: with test.csv, valid is valid.csv, so --valid-fraction 0.3 "
+                                            r"would be ignored"):
+        build_manifest(tmp_path, ManifestOptions(source="chexpert", split=split, valid_fraction=0.3))
 
 
 def test_random_is_70_10_20_by_patient_over_every_file(tmp_path):

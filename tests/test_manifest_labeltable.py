@@ -275,6 +275,10 @@ def test_cli_manifest_build_and_info(tmp_path):
     assert bad.exit_code == 1 and "Traceback" not in bad.output
     assert bad.stderr.strip() == (f"error: {tmp_path / 'stage_2_train_labels.csv'}: missing column(s) 'Opacity' "
                                   "(has: patientId, x, y, width, height, Target)")
+    twice = cxr("manifest", "build", "--source", "table", "--raw", tmp_path, "--table", "stage_2_train_labels.csv",
+                "--path-col", "patientId", "--patient-col", "patientId", "--label-cols", "Target,x,Target",
+                "--out", tmp_path / "twice.parquet")
+    assert twice.exit_code == 1 and twice.stderr.strip() == "error: --label-cols names 'Target' twice"
 
 
 def test_cli_shard_build_pixels_equal_the_reference(tmp_path):
