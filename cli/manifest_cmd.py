@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from cli.options import (
     FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
     PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
-    UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_options,
+    UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_kwargs, manifest_options,
 )
 # manifests.build / manifests.table (pandas) are imported inside the commands: `cxr --help` stays fast.
 
@@ -58,12 +58,7 @@ def build(
     from manifests.build import build_manifest
     from manifests.table import write_manifest, write_rejects
 
-    options = manifest_options(source, seed=seed, views=views, valid_fraction=valid_fraction, labels=labels,
-                               uncertain=uncertain, split=split, fetch_list=fetch_list, label=label,
-                               ratios=ratios, patient_pattern=patient_pattern, negative=negative, table=table,
-                               path_col=path_col, patient_col=patient_col, label_cols=label_cols,
-                               study_col=study_col, view_col=view_col, split_col=split_col,
-                               path_format=path_format)
+    options = manifest_options(source, seed=seed, **manifest_kwargs(locals()))
     manifest = build_manifest(raw, options)
     write_manifest(manifest, out)
     if rejects is not None:

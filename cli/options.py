@@ -21,6 +21,7 @@ Choices are checked by `ManifestOptions` (a one-line `ManifestError`, exit 1) an
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Annotated, Optional
@@ -184,3 +185,14 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         raise ManifestError(f"--ratios {text!r} must be three non-negative numbers TRAIN:VALID:TEST, e.g. 7:1:2")
     total = sum(values)
     return tuple(v / total for v in values)  # type: ignore[return-value]
+
+
+# Every option `manifest_options` takes besides source and seed, with its CLI default: the commands pass
+# their parameters through `manifest_kwargs` instead of listing each one again.
+MANIFEST_DEFAULTS: dict = {name: p.default for name, p in inspect.signature(manifest_options).parameters.items()
+                           if p.kind is p.KEYWORD_ONLY and name != "seed"}
+
+
+def manifest_kwargs(values: dict) -> dict:
+    """The manifest options among a command's parameters (e.g. its `locals()`)."""
+    return {name: values[name] for name in MANIFEST_DEFAULTS}

@@ -11,7 +11,7 @@ from cli.app import app, console
 from cli.options import (
     FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
     PatientPatternOpt, RatiosOpt, RawOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
-    UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_options,
+    MANIFEST_DEFAULTS, UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_kwargs, manifest_options,
 )
 from manifests.errors import CxrError
 
@@ -26,10 +26,6 @@ app.add_typer(shard_app, name="shard")
 # does not import the builder (pandas, OpenCV); tests/test_shard_cli.py checks they are the same.
 DEFAULTS = {"size": 224, "format": "both", "codec": "png", "jpeg_quality": 95, "fit": "pad",
             "max_reject_fraction": 0.01}
-_MANIFEST_DEFAULTS = {"views": "", "valid_fraction": 0.1, "labels": "negbio", "uncertain": "zeros", "split": "auto",
-                      "fetch_list": None, "label": None, "ratios": "7:1:2", "patient_pattern": None,
-                      "negative": "normal", "table": None, "path_col": None, "patient_col": None, "label_cols": "",
-                      "study_col": None, "view_col": None, "split_col": None, "path_format": None}
 RootOpt = Annotated[Optional[str], typer.Option("--root", metavar="ROOT", show_default=False,
                                                 help="Where shard sets live [default: $CXR_SHARDS or ./shards].")]
 
@@ -98,13 +94,9 @@ def build(
         start_worker_server()   # the workers import their decoders while this process imports the builder
     from cxrshards.build import BuildConfig, RejectLimitError, build_shards
 
-    given = {"views": views, "valid_fraction": valid_fraction, "labels": labels, "uncertain": uncertain,
-             "split": split, "fetch_list": fetch_list, "label": label, "ratios": ratios,
-             "patient_pattern": patient_pattern, "negative": negative, "table": table, "path_col": path_col,
-             "patient_col": patient_col, "label_cols": label_cols, "study_col": study_col, "view_col": view_col,
-             "split_col": split_col, "path_format": path_format}
+    given = manifest_kwargs(locals())
     if manifest is not None:
-        changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v != _MANIFEST_DEFAULTS[k]]
+        changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v != MANIFEST_DEFAULTS[k]]
         if changed:
             raise CxrError(f"{', '.join(changed)} cannot be used with --manifest: the options it records apply")
         options = None

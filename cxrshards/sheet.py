@@ -20,12 +20,17 @@ import pandas as pd
 from manifests.errors import CxrError
 
 README_NAME = "README.md"
-_OPTION_FLAGS = {  # manifest options that appear in the build command when not at their default
-    "seed": 0, "views": [], "valid_fraction": 0.1, "labels": "negbio", "uncertain": "zeros", "split": "auto",
-    "label": "Cardiomegaly", "ratios": [0.7, 0.1, 0.2], "patient_pattern": None, "negative": "normal",
-    "table": None, "path_col": None, "patient_col": None, "label_cols": [], "study_col": None, "view_col": None,
-    "split_col": None, "path_format": None,
-}
+_NOT_FLAGS = ("source", "fetch_list")   # given otherwise, or not part of what the shards hold
+
+
+def _option_defaults() -> dict:
+    """Each manifest option's default in the card's JSON form (tuples as lists)."""
+    from dataclasses import MISSING, fields
+
+    from manifests.options import ManifestOptions
+
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in fields(ManifestOptions) if f.name not in _NOT_FLAGS and f.default is not MISSING}
 
 
 def pick_samples(shard_dir: Path, split: str, n: int, label: str | None = None) -> pd.DataFrame:
@@ -98,7 +103,7 @@ def build_command(card: dict, raw: str | None) -> str:
              f"--format {_formats(card.get('formats', []))}", f"--name {card.get('name')}"]
     if card.get("codec") == "jpeg":
         parts.append(f"--jpeg-quality {card.get('jpeg_quality')}")
-    for key, default in _OPTION_FLAGS.items():
+    for key, default in _option_defaults().items():
         value = manifest_options.get(key, default)
         if value == default or value is None:
             continue

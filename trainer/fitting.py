@@ -423,25 +423,23 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet or not info.is_main, log_every=cfg.log_every)
     board = TensorBoard(run_dir, enabled=info.is_main)
     board.inputs_done = state is not None    # the input grid is written once per run, at its first batch
+
+    def on_batch(report) -> None:
+        progress.update(report)
+        board.steps(report.losses)
+
     try:
         for epoch in range(start_epoch, cfg.epochs):
             train_stream.set_epoch(epoch)
             if table is not None:
                 train_stream.set_keys(epoch_keys(cfg, table, labels, epoch))
             progress.start_epoch(epoch, len(train_loader))
-            last: list = [None]
-
-            def on_batch(report, last=last) -> None:
-                last[0] = report
-                progress.update(report)
-                board.steps(report.losses)
-
             stats: EpochStats = train_one_epoch(
                 net, train_loader, optimizer, loss_fn, device, epoch=epoch, start_step=step, lr_at=lr_at,
                 augment=spec, seed=cfg.seed, rank=info.rank, label_index=label_index, precision=cfg.precision,
                 scaler=scaler, channels_last=cfg.channels_last, set_train_mode=train_mode, on_batch=on_batch,
                 on_inputs=None if board.inputs_done else board.inputs)
-            progress.end_epoch(last[0])
+            progress.end_epoch(progress.last)
             step += stats.steps
             distributed.average_buffers(model)
             val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,

@@ -61,11 +61,13 @@ class Progress:
         self.quiet, self.log_every, self.clock, self.epochs, self.what = quiet, float(log_every), clock, epochs, what
         self.bar = None
         self.loss_sum, self.loss_n = 0.0, 0
+        self.last: BatchReport | None = None   # the latest report of this epoch
 
     def start_epoch(self, epoch: int, batches: int) -> None:
         """`epoch` is 0-based; the lines say epoch + 1."""
         self.epoch, self.batches = epoch, batches
         self.loss_sum, self.loss_n = 0.0, 0
+        self.last = None
         self.last_line = self.clock()
         if self.quiet or not self.terminal:
             return
@@ -78,6 +80,7 @@ class Progress:
         self.task = self.bar.add_task(self.what, total=batches, status="")
 
     def update(self, report: BatchReport) -> None:
+        self.last = report
         for _step, loss, _lr in report.losses:
             self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
         if self.quiet:
