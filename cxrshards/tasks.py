@@ -11,12 +11,17 @@ writes three files into the work folder, each atomically:
   with `hash_sources`), so a resume can tell whether the piece was made from the sources as they are now.
 
 A rejected image (`PixelError`) is simply absent: which sample goes to which shard was decided before.
+
+Tracing for bench/shard_bench.py: with the environment variable CXR_TRACE_FIRST=FILE, each piece appends
+one line `PID WALL_TIME` to FILE once its first image is decoded, resized and encoded (`time.time()`), so
+the bench can tell how long after the command's start the first image was ready. Read once per piece.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,8 @@ import numpy as np
 from cxrshards.pixels import PixelError, decode, encode, prepare
 from cxrshards.writers import EXTENSIONS, sample_members
 from manifests.atomic import atomic_path, write_bytes_atomic
+
+TRACE_FIRST = "CXR_TRACE_FIRST"   # environment variable: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,15 @@ def source_stamp(path: Path, with_hash: bool) -> list:
     return [st.st_size, st.st_mtime_ns, file_sha256(path) if with_hash else None]
 
 
+def _trace_first(path: str) -> None:
+    """Append `PID WALL_TIME` to `path` (one short O_APPEND write: lines from several workers stay whole)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()} {time.time():.6f}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def file_sha256(path: Path) -> str | None:
     try:
         with open(path, "rb") as fh:
@@ -122,6 +138,7 @@ def _run_piece(task: PieceTask) -> dict:
     hist = np.zeros(256, dtype=np.int64)
     sources = [[rel, *source_stamp(raw / rel, task.hash_sources)] for _, rel, _ in task.items]
     tar_digest, u8_digest = hashlib.sha256(), hashlib.sha256()
+    trace = os.environ.get(TRACE_FIRST)
     # No fsync: a piece is reused only after its files' sha256 match its record, so a power cut at worst
     # makes it be rebuilt; three fsyncs per piece would idle the worker's core (~10% of a build).
     with atomic_path(paths["tarpart"], fsync=False) as tar_tmp, atomic_path(paths["u8"], fsync=False) as u8_tmp:
@@ -132,6 +149,10 @@ def _run_piece(task: PieceTask) -> dict:
                 except PixelError as exc:
                     rejects.append([key, rel, exc.reason])
                     continue
+                finally:
+                    if trace:
+                        _trace_first(trace)
+                        trace = None
                 kept.append(key)
                 hist += np.bincount(pixels.ravel(), minlength=256)
                 if task.wds:
