@@ -39,7 +39,7 @@ from cxrshards.card import (BUILD_NAME, CARD_NAME, MANIFEST_NAME, REJECTS_NAME, 
                             write_located_manifest)
 from cxrshards.paths import shards_root
 from cxrshards.pool import mp_context, start_worker_server
-from cxrshards.pixels import CODECS, FITS
+from cxrshards.choices import CODECS, FITS
 from cxrshards.sheet import README_NAME, render_readme
 from cxrshards.tasks import PieceTask, file_sha256, run_piece, shard_fingerprint, source_stamp
 from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, write_h5

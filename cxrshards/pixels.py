@@ -44,11 +44,9 @@ try:   # libdeflate: inflates PNG image data ~3x faster than zlib; its CRC-32 an
 except ImportError:  # pragma: no cover - a dependency; libspng alone decodes the same pixels without it
     _inflate = None
 
+from cxrshards.choices import CODEC_EXTENSIONS, CODECS, FITS
 from manifests.errors import CxrError
 
-FITS = ("pad", "squash", "crop")
-CODECS = ("png", "jpeg", "raw")
-CODEC_EXTENSIONS = {"png": "png", "jpeg": "jpg", "raw": "npy"}
 REJECT_REASONS = ("missing", "zero bytes", "truncated", "corrupt", "unreadable")
 DICOM_REASON = "DICOM: "   # prefix of the reasons only DICOM files get (cxrshards.dicom)
 

@@ -3,7 +3,8 @@ can start the workers' server before it imports pandas and reads the manifest.
 
 - Start method: forkserver (spawn where there is none), never plain fork: a parent that already ran OpenCV,
   pyarrow or Dask threads can leave a forked child deadlocked on a lock copied mid-use (seen with OpenCV's
-  thread pool). The server imports the main module and `cxrshards.tasks` (numpy, OpenCV, libspng) once,
+  thread pool). The server imports the main module, `cxrshards.tasks` and `cxrshards.pixels` (numpy,
+  OpenCV, libspng, libdeflate) once,
   so each worker then starts in milliseconds.
 - `start_worker_server()` starts that server without waiting for it: its imports run in its own process
   while the caller goes on (imports, manifest, plan); the pool made later forks ready workers.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 
-PRELOAD = ["__main__", "cxrshards.tasks"]
+PRELOAD = ["__main__", "cxrshards.tasks", "cxrshards.pixels"]
 
 
 def mp_context():

@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from cxrshards.pixels import PixelError, decode, encode, prepare
 from cxrshards.writers import EXTENSIONS, sample_members
 from manifests.atomic import atomic_path, write_bytes_atomic
 
@@ -107,6 +105,8 @@ def process_image(path: str | os.PathLike, size: int, fit: str, codec: str, qual
     """(encoded shard member, pixels after the codec round trip) of one raw image; PixelError if unusable.
 
     The pixels equal `cxrshards.pixels.preprocess(path, size, fit, codec, quality)` (what `cxr predict` sees)."""
+    from cxrshards.pixels import decode, encode, prepare   # see run_piece
+
     img = prepare(path, size, fit)
     data = encode(img, codec, quality)
     if codec == "jpeg":   # png and raw are lossless: the round trip gives back `img`
@@ -118,8 +118,12 @@ def run_piece(task: PieceTask) -> dict:
     """Process one piece and write its files; returns its record (also written as `STEM.json`).
 
     OpenCV runs single-threaded meanwhile: the build's parallelism is one piece per process, and extra
-    OpenCV threads per process would only compete for the same cores.
+    OpenCV threads per process would only compete for the same cores. OpenCV and the decoders
+    (`cxrshards.pixels`) are imported here, not with this module: a build's parent process imports it for
+    `PieceTask` but decodes nothing, and its worker server preloads them (`cxrshards.pool.PRELOAD`).
     """
+    import cv2
+
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -129,6 +133,8 @@ def run_piece(task: PieceTask) -> dict:
 
 
 def _run_piece(task: PieceTask) -> dict:
+    from cxrshards.pixels import PixelError
+
     paths = task.paths()
     Path(task.work).mkdir(parents=True, exist_ok=True)
     ext = EXTENSIONS[task.codec]

@@ -16,13 +16,14 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
+from cxrshards.choices import CODEC_EXTENSIONS
 from manifests.atomic import atomic_path
 
 BLOCK = tarfile.BLOCKSIZE            # 512
 RECORD = tarfile.RECORDSIZE          # 20 blocks: tar files are padded to a multiple of this
 MEMBER_MODE = 0o444
 H5_LIBVER = ("v110", "v110")         # pinned: the same HDF5 object versions whatever the library's default
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "raw": "npy"}
+EXTENSIONS = CODEC_EXTENSIONS
 
 
 def tar_member(name: str, data: bytes) -> bytes:
