@@ -9,7 +9,8 @@ The rules:
 - File names in a remote card are plain names in the set's folder (letters, digits, `._-`, no `..`, no
   `/`, no `%`): anything else is refused before anything is downloaded.
 - Tars are read front to back in 64 MiB blocks held in a local buffer: one ranged GET per 64 MiB of tar
-  (one per tar up to that size), never one per sample.
+  (one per tar up to that size), never one per sample. The next block's GET goes out while the reader
+  parses the current one (read-ahead, at most two blocks held); a block shorter than asked for is refetched.
 - With a cache (`--cache DIR` or $CXR_CACHE) a tar is downloaded whole to a temporary name, checked against
   the card's sha256 and only then renamed to CACHE/tars/SHA256.tar; the least recently used tars leave
   once the cache passes its size limit. A partial or corrupt download never enters.
@@ -20,7 +21,9 @@ The rules:
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -29,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -40,7 +44,7 @@ from manifests.errors import CxrError
 REMOTE_NAME = "remote.json"                  # in a mirror folder: where its tars live
 CACHE_ENV = "CXR_CACHE"
 DEFAULT_CACHE_GB = 100.0
-READ_BLOCK = 64 << 20                        # read-ahead of a remote tar: one ranged GET per this many bytes
+READ_BLOCK = 64 << 20                        # a remote tar is read in blocks of this size, one ranged GET each
 _COPY_CHUNK = 8 << 20
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 T = TypeVar("T")
@@ -236,46 +240,81 @@ def remote_tars(shard_dir: Path, retry: RetryPolicy | None = None) -> RemoteTars
 
 
 class RemoteFile:
-    """A remote file read front to back in blocks of `block` bytes, one ranged GET each, held in a local
-    buffer: the reader's many small reads and seeks cost a slice, not a call through fsspec. A failed
-    block fetch is retried (reopening the file) with backoff, then a RemoteError names the URL."""
+    """A remote file read front to back in blocks of `block` bytes, one ranged GET each (`cat_file`), held in
+    a local buffer: the reader's many small reads and seeks cost a slice, not a call through fsspec.
 
-    def __init__(self, url: str, retry: RetryPolicy | None = None, block: int = READ_BLOCK):
-        self.url, self.retry, self.block = url, retry, block
+    Read-ahead: on an async filesystem (fsspec's http, s3fs, gcsfs) the GET of the next block goes out on
+    fsspec's event loop as soon as the reader starts on a block, so the server sends it while the reader
+    parses; at most two blocks are held. The reader waits until that request is under way: a thread that
+    only waits for the GIL would not send it before the reader next blocks.
+
+    The size comes first (one HEAD or its protocol's equivalent); a block shorter than asked for is a partial
+    download and is fetched again. Each block is retried with backoff, then a RemoteError names the URL."""
+
+    def __init__(self, url: str, retry: RetryPolicy | None = None, block: int | None = None):
+        self.url, self.retry, self.block = url, retry, int(block or READ_BLOCK)
         self._fs, self._path = _fs(url)
         self._pos = 0
         self._buf, self._buf_start = b"", 0
-        self._f = None
+        self._ahead: tuple[int, concurrent.futures.Future] | None = None
         try:
-            with_retries(self.url, self._open, self.retry)
+            self._size = int(with_retries(self.url, lambda: self._fs.size(self._path), self.retry))
         except FileNotFoundError:
             raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
+        self._read_ahead(0)
 
-    def _open(self) -> None:
-        self._f = self._fs.open(self._path, "rb", block_size=self.block, cache_type="none")
+    def _want(self, pos: int) -> int:
+        return min(self.block, self._size - pos)
 
-    def _fetch(self, pos: int, length: int) -> bytes:
-        if self._f is None:
-            self._open()
+    def _checked(self, data: bytes, pos: int) -> bytes:
+        if len(data) != self._want(pos):
+            raise OSError(f"got {len(data)} of the {self._want(pos)} bytes asked for at byte {pos}")
+        return data
+
+    def _read_ahead(self, pos: int) -> None:
+        """Start the GET of the block at `pos` on fsspec's event loop (async filesystems only)."""
+        self._ahead = None
+        if pos >= self._size or not getattr(self._fs, "async_impl", False):
+            return
+        sent = threading.Event()
+
+        async def fetch() -> bytes:
+            sent.set()
+            return await self._fs._cat_file(self._path, start=pos, end=pos + self._want(pos))
+        self._ahead = (pos, asyncio.run_coroutine_threadsafe(fetch(), self._fs.loop))
+        sent.wait()
+
+    def _load(self, pos: int) -> None:
+        """Make the block starting at `pos` the buffer, then start the GET of the one after it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] != pos:   # a seek away from the block under way
+            ahead[1].cancel()
+            ahead = None
+        tries = [ahead[1]] if ahead is not None else []
+
+        def attempt() -> bytes:  # the read-ahead's result first; a retry asks again
+            data = tries.pop().result() if tries else \
+                self._fs.cat_file(self._path, start=pos, end=pos + self._want(pos))
+            return self._checked(data, pos)
         try:
-            self._f.seek(pos)
-            return self._f.read(length)
-        except Exception:
-            self._f = None          # the next try reopens
-            raise
+            block = with_retries(self.url, attempt, self.retry)
+        except FileNotFoundError:
+            raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
+        self._buf, self._buf_start = block, pos
+        self._read_ahead(pos + len(block))
 
     def read(self, n: int = -1) -> bytes:
-        off = self._pos - self._buf_start
-        if 0 <= n and 0 <= off and off + n <= len(self._buf):
-            data = self._buf[off:off + n]
-        else:
-            length = -1 if n < 0 else max(n, self.block)
-            pos = self._pos
-            block = with_retries(self.url, lambda: self._fetch(pos, length), self.retry)
-            self._buf, self._buf_start = block, pos
-            data = block if n < 0 else block[:n]
-        self._pos += len(data)
-        return data
+        end = self._size if n is None or n < 0 else min(self._pos + n, self._size)
+        pieces = []
+        while self._pos < end:
+            off = self._pos - self._buf_start
+            if not 0 <= off < len(self._buf):
+                self._load(self._pos)
+                off = 0
+            take = min(end - self._pos, len(self._buf) - off)
+            pieces.append(self._buf[off:off + take])
+            self._pos += take
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0:
@@ -287,9 +326,9 @@ class RemoteFile:
         return self._pos
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if self._ahead is not None:
+            self._ahead[1].cancel()              # stops the download on the event loop
+            self._ahead = None
         self._buf = b""
 
     def __enter__(self):

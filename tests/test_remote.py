@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -390,3 +391,63 @@ def test_two_torchrun_nodes_reading_one_url_end_with_identical_weights(served, t
         cached = {p.stem for p in (tmp_path / f"cache{node}" / "tars").glob("*.tar")}
         assert cached and cached <= card_sha
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["world_size"] == 2
+
+
+# --------------------------------------------------------------------------- blocks, read-ahead, fork
+
+def test_blocks_read_ahead_one_get_each_and_partial_blocks_are_fetched_again(served, monkeypatch):
+    local, url, server = served
+    tar = sorted(local.glob("train-*.tar"))[1]
+    want = tar.read_bytes()
+    block = 1000                                     # several blocks per tar, none aligned to tar records
+    rel = f"/fx/{tar.name}"
+    before = server.gets[rel]
+    with remote.RemoteFile(f"{url}/{tar.name}", block=block) as f:
+        got = b"".join(iter(lambda: f.read(777), b""))   # reads straddle block ends
+        assert f.read(10) == b""
+    assert got == want
+    assert server.gets[rel] - before == -(-len(want) // block)   # one GET per block, none twice, none past the end
+
+    with remote.RemoteFile(f"{url}/{tar.name}", block=block) as f:
+        f.seek(2500)
+        assert f.read(1200) == want[2500:3700]
+        f.seek(10)                                   # back into a block no longer held
+        assert f.read(5) == want[10:15]
+
+    monkeypatch.setattr(remote, "READ_BLOCK", block)
+    kw = dict(batch_size=4, seed=3, rank=0, world_size=1)
+    server.drop_after["/fx/train-000002.tar"] = 300   # the body of one block stops short: fetched again
+    assert same(everything(cxrshards.open_shards(local, "train", format="wds", **kw)),
+                everything(cxrshards.open_shards(url, "train", **kw)))
+
+
+_FORK_READ = """
+import json, sys, torch, cxrshards
+url = sys.argv[1]
+kw = dict(batch_size=4, seed=2, epoch=1, rank=0, world_size=1)
+parent = [k for _, _, keys in cxrshards.open_shards(url, "train", **kw) for k in keys]  # fsspec's loop and session now exist here
+loader = torch.utils.data.DataLoader(cxrshards.open_shards(url, "train", **kw), batch_size=None, num_workers=2,
+                                     multiprocessing_context="fork", timeout=60)
+workers = [k for _, _, keys in loader for k in keys]
+print(json.dumps({"parent": parent, "workers": workers}))
+"""
+
+
+def test_loader_workers_forked_after_the_parent_read_the_url(served):
+    """fsspec's event loop thread does not survive a fork: each process must make its own filesystem
+    (`_filesystem(pid, ...)`), or a forked DataLoader worker waits forever on the parent's loop."""
+    local, url, server = served
+    kw = dict(batch_size=4, seed=2, epoch=1, rank=0, world_size=1)
+    loader = torch.utils.data.DataLoader(cxrshards.open_shards(local, "train", format="wds", **kw),
+                                         batch_size=None, num_workers=2, multiprocessing_context="fork")
+    want = [k for _, _, keys in loader for k in keys]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        out = subprocess.run([sys.executable, "-c", _FORK_READ, url], capture_output=True, text=True, env=env,
+                             timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DataLoader workers forked after the parent read the URL hung")
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["workers"] == want and len(set(want)) == len(want) > 0
+    assert sorted(got["parent"]) == sorted(want)
