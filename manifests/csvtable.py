@@ -38,11 +38,7 @@ def read_csv_table(path: Path, required: list[str], optional: list[str] = (), nu
     except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
         raise ManifestError(f"{path}: cannot read as CSV ({_first_line(exc)})") from None
     columns = list(header.columns)
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise ManifestError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} "
-                            f"(has: {', '.join(columns)})")
-    wanted = list(required) + [c for c in optional if c in columns and c not in required]
+    wanted = _wanted_columns(path, columns, required, optional)
     try:
         if numeric:
             dtypes = {c: ("float64" if c in numeric else "str") for c in wanted}
@@ -65,15 +61,20 @@ def read_parquet_table(path: Path, required: list[str], optional: list[str] = ()
         columns = list(pq.read_schema(path).names)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise ManifestError(f"{path}: cannot read as Parquet ({_first_line(exc)})") from None
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise ManifestError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} "
-                            f"(has: {', '.join(columns)})")
-    wanted = list(required) + [c for c in optional if c in columns and c not in required]
+    wanted = _wanted_columns(path, columns, required, optional)
     try:
         return pq.read_table(path, columns=wanted).to_pandas()[wanted].reset_index(drop=True)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise ManifestError(f"{path}: cannot read as Parquet ({_first_line(exc)})") from None
+
+
+def _wanted_columns(path: Path, columns: list[str], required, optional) -> list[str]:
+    """`required` then the present `optional` columns; an error naming the file and any missing required one."""
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} "
+                            f"(has: {', '.join(columns)})")
+    return list(required) + [c for c in optional if c in columns and c not in required]
 
 
 def line_of(position: int) -> int:
