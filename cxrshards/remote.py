@@ -16,8 +16,9 @@ The rules:
   once the cache passes its size limit. A partial or corrupt download never enters.
 - Every network read is retried with exponential backoff (`RetryPolicy`); then a one-line CxrError names
   the URL. HDF5 is read from local disk only (`cxr shard pull` first).
-- `push_shards` uploads a verified set with the card last (a reader never sees half a set); `pull_shards`
-  downloads one (card last, so an interrupted pull looks unfinished) and runs `verify_shards` on it.
+- `push_shards` uploads a verified set with the card last (a reader never sees half a set); a missing bucket
+  (gcsfs makes none) or a denied upload is a one-line RemoteError. `pull_shards` downloads one (card last,
+  so an interrupted pull looks unfinished) and runs `verify_shards` on it.
 """
 from __future__ import annotations
 
@@ -436,7 +437,14 @@ def push_shards(shard_dir: str | os.PathLike, url: str, retry: RetryPolicy | Non
         target = join(url, name)
         _, path = _fs(target)
         log(f"push {name}")
-        with_retries(target, lambda: fs.put_file(str(shard_dir / name), path), retry)
+        try:
+            with_retries(target, lambda: fs.put_file(str(shard_dir / name), path), retry)
+        except FileNotFoundError as exc:     # e.g. gcsfs: a bucket that does not exist (makedirs cannot make one)
+            raise RemoteError(f"{target}: not uploaded, its folder or bucket does not exist "
+                              f"({' '.join(str(exc).split())}); create the bucket first") from None
+        except PermissionError as exc:
+            raise RemoteError(f"{target}: not uploaded, access denied ({' '.join(str(exc).split())}); "
+                              f"check the credentials") from None
     return [*names, CARD_NAME]
 
 

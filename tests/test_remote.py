@@ -220,7 +220,7 @@ def test_interrupted_push_leaves_no_card_and_a_damaged_pull_is_refused(served, t
         return real_put(self, lpath, rpath, **kw)
 
     monkeypatch.setattr(LocalFileSystem, "put_file", flaky)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CxrError, match=r"/half/train-000003\.tar: not uploaded, .*\(disk vanished\)"):
         remote.push_shards(local, tmp_path / "half")
     assert not (tmp_path / "half" / "dataset.json").exists()   # a reader sees no set, not half of one
     monkeypatch.setattr(LocalFileSystem, "put_file", real_put)
