@@ -1,6 +1,7 @@
 """Remote shard sets against real servers on 127.0.0.1: an HTTP server over a folder (tests/http_server.py,
-counting GETs, injecting failures) and SeaweedFS's S3 gateway read through s3fs. Same samples, same order
-and same len as the local set; one GET per tar; the cache; retries; push card last; pull and verify."""
+counting GETs, injecting failures), SeaweedFS's S3 gateway read through s3fs and gcp-storage-emulator's GCS JSON
+API read through gcsfs. Same samples, same order and same len as the local set; one GET per tar; the cache;
+retries; push card last; pull and verify."""
 from __future__ import annotations
 
 import json
@@ -350,6 +351,123 @@ def test_s3_push_read_and_pull(served, s3_env, tmp_path):
     assert report.ok and report.samples == {"train": 23, "valid": 7, "test": 5}
     with pytest.raises(CxrError, match=r"s3://.*/nope is not a shard set"):
         cxrshards.open_shards(f"s3://{bucket}/nope", "train")
+
+
+# --------------------------------------------------------------------------- a GCS emulator (gcp-storage-emulator)
+
+class GcsEmulator:
+    """gcp-storage-emulator's GCS JSON API on 127.0.0.1, in memory, in its own process; its request log
+    ('"GET /... HTTP/1.1" 206 -' lines) is read to count the media GETs of each object."""
+
+    def __init__(self, url: str, log: Path):
+        self.url, self.log = url, log
+
+    def media_gets(self, bucket: str, path: str) -> list[str]:
+        """The HTTP status of each GET of the object's bytes so far (206 for a ranged one). The emulator logs a
+        request before it sends the body, so a response already read is in the log."""
+        from urllib.parse import quote
+
+        line = f'"GET /download/storage/v1/b/{bucket}/o/{quote(path, safe="")}?'
+        return [r.rsplit(" ", 2)[-2] for r in self.log.read_text(errors="replace").splitlines() if r.startswith(line)]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator (in the test extra)")
+    data = tmp_path_factory.mktemp("gcs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    emulator = GcsEmulator(f"http://127.0.0.1:{port}", data / "emulator.log")
+    log = open(emulator.log, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT, cwd=data)
+    try:
+        deadline = time.monotonic() + 30
+        import urllib.request
+        while True:
+            try:
+                urllib.request.urlopen(emulator.url + "/", timeout=1)     # its health check
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gcp-storage-emulator did not start: {emulator.log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield emulator
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def gs_env(gcs_emulator, monkeypatch):
+    """gs:// through gcsfs to the emulator, configured the standard way: STORAGE_EMULATOR_HOST (gcsfs sends every
+    request there) and the fsspec config {"gs": {"token": "anon"}} (what FSSPEC_GS_TOKEN=anon sets at startup), so
+    no credentials are looked for or sent. GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read when gcsfs is imported:
+    its default ExtendedGcsFileSystem asks the Storage Control gRPC API for each bucket's layout, which the
+    emulator does not serve, and an anonymous client retries that for 60 s on every call."""
+    import fsspec
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    gcsfs = pytest.importorskip("gcsfs", reason="pip install gcsfs (in the test extra)")
+    if fsspec.get_filesystem_class("gs") is not gcsfs.core.GCSFileSystem:
+        pytest.fail("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set")
+    monkeypatch.setitem(fsspec.config.conf, "gs", {**fsspec.config.conf.get("gs", {}), "token": "anon"})
+    remote._filesystem.cache_clear()           # filesystems made before this test would lack the token
+    fsspec.filesystem("gs").clear_instance_cache()
+    yield gcs_emulator
+    remote._filesystem.cache_clear()
+    fsspec.filesystem("gs").clear_instance_cache()
+
+
+def test_gs_push_read_and_pull(served, gs_env, tmp_path, cli):
+    local, _, _ = served
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    bucket = f"cxr-{tmp_path.name.lower().replace('_', '-')[-20:]}"
+    fs.mkdir(bucket)
+    url = f"gs://{bucket}/sets/fx"
+    done = cli("shard", "push", str(local), url)
+    assert done.exit_code == 0, done.output
+    stored = {p.rsplit("/", 1)[-1]: info for p, info in fs.find(url, detail=True).items()}
+    assert sorted(stored) == sorted(p.name for p in local.iterdir())
+    for name, info in stored.items():
+        assert fs.cat_file(info["name"]) == (local / name).read_bytes()
+    # the card is the object written last (GCS generations, like the emulator's, grow with the time of the write)
+    assert max(stored, key=lambda n: int(stored[n]["generation"])) == "dataset.json"
+
+    for kw in (dict(batch_size=None, rank=0, world_size=1), dict(batch_size=3, rank=1, world_size=2)):
+        a = cxrshards.open_shards(local, "train", format="wds", seed=9, epoch=2, **kw)
+        b = cxrshards.open_shards(url, "train", seed=9, epoch=2, **kw)
+        assert len(a) == len(b)
+        before = {t.name: len(gs_env.media_gets(bucket, f"sets/fx/{t.name}")) for t in local.glob("train-*.tar")}
+        assert same(everything(a), everything(b))
+        if kw["world_size"] == 1:            # every sample read: each tar in one ranged GET (206)
+            assert {t: gs_env.media_gets(bucket, f"sets/fx/{t}")[n:] for t, n in before.items()} == \
+                {t: ["206"] for t in before}
+    c = cxrshards.open_shards(url, "valid", batch_size=4, cache=tmp_path / "cache")
+    assert same(everything(c), everything(cxrshards.open_shards(local, "valid", format="wds", batch_size=4)))
+    assert len(list((tmp_path / "cache" / "tars").glob("*.tar"))) == 2          # 7 valid samples, tars of 5
+
+    done = cli("shard", "pull", url, "--root", str(tmp_path / "pulled"))
+    assert done.exit_code == 0, done.output
+    assert "train 23, valid 7, test 5" in done.output
+    for p in local.iterdir():
+        assert (tmp_path / "pulled" / "fx" / p.name).read_bytes() == p.read_bytes()
+    with pytest.raises(CxrError, match=rf"^gs://{bucket}/nope is not a shard set"):
+        cxrshards.open_shards(f"gs://{bucket}/nope", "train")
+    done = cli("shard", "push", str(local), f"gs://{bucket}-missing/sets/fx")    # gcsfs makes no bucket
+    assert done.exit_code == 1
+    assert done.output.splitlines() == ["push train-000000.tar", done.output.splitlines()[-1]]  # one-line error
+    assert done.output.splitlines()[-1].startswith(f"error: gs://{bucket}-missing/sets/fx/train-000000.tar: not "
+                                                   f"uploaded, its folder or bucket does not exist (")
 
 
 # --------------------------------------------------------------------------- two nodes over HTTP
