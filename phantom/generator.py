@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,6 +473,16 @@ def heart_mask(height: int, width: int, findings: dict[str, float] | None = None
     if (cv.h, cv.w) != (height, width):
         mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
     return mask >= 128
+
+
+def folder_heart_mask(name: str, height: int, width: int, seed: int = 0, label: str = "Cardiomegaly") -> np.ndarray:
+    """bool height x width: where `write_folder(..., seed, label)` drew the heart in its file `name`
+    (`normal/personNNNN_IIII.png` or `abnormal/...`, as written), at the file's own size."""
+    match = re.fullmatch(r"(normal|abnormal)/person\d+_(\d+)\.(png|jpg)", str(name).replace("\\", "/"))
+    if match is None:
+        raise CxrError(f"{name}: not a file name write_folder writes (normal|abnormal/personNNNN_IIII.png|jpg)")
+    findings = {label: 1.0} if match.group(1) == "abnormal" else None
+    return heart_mask(height, width, findings, (seed, _SRC_TAG["cardiomegaly"], int(match.group(2)) - 1))
 
 
 def render_chest(height: int, width: int, findings: dict[str, float] | None = None, view: str = "PA",

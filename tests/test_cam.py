@@ -13,10 +13,10 @@ from trainer.models import build_model
 from trainer.predict import load_run, predict_tensor
 
 
-def hand_gradcam(model, x, out_index):
-    """Grad-CAM by hand: ReLU(sum_k mean(dY/dA_k) A_k) at layer4[-1], bilinear to the input, min-max to 0..1."""
+def hand_gradcam(model, x, out_index, layer=None):
+    """Grad-CAM by hand: ReLU(sum_k mean(dY/dA_k) A_k) at `layer` (layer4[-1]), bilinear to the input, min-max."""
     store = {}
-    layer = model.layer4[-1]
+    layer = layer or model.layer4[-1]
     h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
     model.eval()
     x = x.clone().requires_grad_(True)
@@ -39,6 +39,8 @@ def test_gradcam_equals_a_hand_computation():
     both = label_heatmaps(model, x, "sigmoid", [2, 0])
     np.testing.assert_allclose(both[0], hand_gradcam(model, x, 2), atol=1e-4)
     np.testing.assert_allclose(both[1], hand_gradcam(model, x, 0), atol=1e-4)
+    np.testing.assert_allclose(gradcam(model, x, [1], model.layer3[-1])[0], hand_gradcam(model, x, 1, model.layer3[-1]),
+                               atol=1e-4)
 
 
 def test_targets_and_label_choice():

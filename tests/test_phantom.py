@@ -340,3 +340,25 @@ def test_render_rules():
     assert img[:, :4].mean() < 45 and img[50:70, 60:68].mean() > img[40:60, 25:40].mean() + 25
     buf = io.BytesIO()
     Image.fromarray(img.astype(np.uint8)).save(buf, "PNG")
+
+
+def test_folder_heart_mask_is_where_the_enlarged_heart_was_drawn(tmp_path):
+    """The mask `bench/cam_bench.py` scores Grad-CAM against: the pixels cardiomegaly changes in a written
+    abnormal file (against the same patient drawn without it) lie inside it, and it is the larger heart."""
+    from phantom.generator import _SRC_TAG, folder_heart_mask
+
+    write_folder(tmp_path, 12, image_size=160, seed=3)
+    abnormal = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "abnormal").glob("*.png"))
+    assert abnormal
+    for name in abnormal:
+        img = cv2.imread(str(tmp_path / name), cv2.IMREAD_GRAYSCALE)
+        h, w = img.shape
+        index = int(re.search(r"_(\d+)\.png$", name).group(1)) - 1
+        normal = render_chest(h, w, None, "PA", (3, _SRC_TAG["cardiomegaly"], index))
+        changed = np.abs(img.astype(int) - normal.astype(int)) > 12
+        mask = folder_heart_mask(name, h, w, seed=3)
+        near = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        assert changed.sum() > 50 and (changed & near).sum() >= 0.97 * changed.sum(), name
+        assert mask.sum() > folder_heart_mask(name.replace("abnormal/", "normal/"), h, w, seed=3).sum()
+    with pytest.raises(CxrError, match="not a file name write_folder writes"):
+        folder_heart_mask("abnormal/../x.png", 10, 10)

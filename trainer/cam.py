@@ -43,14 +43,14 @@ def output_index(head: str, label_index: int) -> int:
     return 0
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, outputs: Sequence[int]) -> np.ndarray:
-    """Heatmaps [B, H, W] in 0..1: image b explained for logit outputs[b]."""
+def gradcam(model: nn.Module, x: torch.Tensor, outputs: Sequence[int], layer: nn.Module | None = None) -> np.ndarray:
+    """Heatmaps [B, H, W] in 0..1: image b explained for logit outputs[b] (at `layer`, default `target_layer`)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model.eval()
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+    with torch.enable_grad(), GradCAM(model=model, target_layers=[layer or target_layer(model)]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in outputs])
     return np.asarray(heat, dtype=np.float32)
 
