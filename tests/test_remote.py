@@ -4,6 +4,7 @@ API read through gcsfs. Same samples, same order and same len as the local set; 
 retries; push card last; pull and verify."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -279,6 +280,34 @@ def _free_port() -> int:
     raise RuntimeError("no free port pair")
 
 
+@contextlib.contextmanager
+def _server_process(cmd: list[str], url: str, log_path: Path, name: str):
+    """Run a server command (its output to log_path), wait until `url` answers, stop it afterwards."""
+    import urllib.request
+
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=1)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start: {log_path.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """A SeaweedFS server (master, volume, filer, S3) on 127.0.0.1; yields its S3 endpoint URL."""
@@ -291,29 +320,9 @@ def seaweed(tmp_path_factory):
            "-master.telemetry=false",
            *(f"-{name}={port}" if "." in name else f"-{name}.port={port}" for name, port in ports.items()),
            *(f"-{name}.port.grpc={port + 10000}" for name, port in ports.items() if "." not in name)]
-    log = open(data / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
-        deadline = time.monotonic() + 30
-        import urllib.request
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/", timeout=1)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-2000:]}")
-                time.sleep(0.2)
+    with _server_process(cmd, endpoint, data / "weed.log", "SeaweedFS"):
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -379,29 +388,10 @@ def gcs_emulator(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     emulator = GcsEmulator(f"http://127.0.0.1:{port}", data / "emulator.log")
-    log = open(emulator.log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT, cwd=data)
-    try:
-        deadline = time.monotonic() + 30
-        import urllib.request
-        while True:
-            try:
-                urllib.request.urlopen(emulator.url + "/", timeout=1)     # its health check
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gcp-storage-emulator did not start: {emulator.log.read_text()[-2000:]}")
-                time.sleep(0.1)
+    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+           "--in-memory"]
+    with _server_process(cmd, emulator.url, emulator.log, "gcp-storage-emulator"):   # "/" is its health check
         yield emulator
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture
