@@ -1,8 +1,9 @@
 """TEST FIXTURE: a real HTTP server over a folder, bound to 127.0.0.1, for remote shard-set tests and the bench.
 
 Serves GET (with single `Range: bytes=A-B` requests, as fsspec's HTTP files send them) and HEAD, counts the
-GETs per path, and can be told to fail: `fail_next[path] = n` answers the next n GETs of that path with
-500, `drop_after[path] = n` sends the headers and only n bytes of the body, then closes the connection.
+GETs and the HEADs per path, and can be told to fail: `fail_next[path] = n` answers the next n GETs of that
+path with 500, `drop_after[path] = n` sends the headers and only n bytes of the body, then closes the
+connection.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class FolderServer(ThreadingHTTPServer):
     def __init__(self, folder: Path):
         self.folder = Path(folder).resolve()
         self.gets: collections.Counter[str] = collections.Counter()
+        self.heads: collections.Counter[str] = collections.Counter()
         self.fail_next: dict[str, int] = {}
         self.drop_after: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -35,6 +37,9 @@ class FolderServer(ThreadingHTTPServer):
 
     def tar_gets(self) -> int:
         return sum(n for path, n in self.gets.items() if path.endswith(".tar"))
+
+    def tar_heads(self) -> int:
+        return sum(n for path, n in self.heads.items() if path.endswith(".tar"))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -52,6 +57,8 @@ class _Handler(BaseHTTPRequestHandler):
         return path
 
     def do_HEAD(self) -> None:
+        with self.server.lock:
+            self.server.heads[self.path.split("?", 1)[0]] += 1
         path = self._file()
         if path is None:
             self.send_error(404)
