@@ -590,6 +590,7 @@ def _finish(out_dir: Path, config: BuildConfig, manifest: Manifest, manifest_opt
             keys = shard.record["keys"]
             if "wds" in config.formats:
                 files.append({"file": f"{shard.stem}.tar", "split": split, "count": len(keys),
+                              "bytes": (out_dir / f"{shard.stem}.tar").stat().st_size,
                               "sha256": shard.record["tar_sha256"]})
             for index, key in enumerate(keys):
                 locations.append((key, f"{shard.stem}.tar" if "wds" in config.formats else None,
@@ -602,7 +603,8 @@ def _finish(out_dir: Path, config: BuildConfig, manifest: Manifest, manifest_opt
             sha = write_h5(out_dir / f"{split}.h5", split=split, size=config.size, labels=labels, keys=keys,
                            label_matrix=values,
                            pixel_files=[(work / f"{s.stem}.u8", len(s.record["keys"])) for s in split_shards])
-            files.append({"file": f"{split}.h5", "split": split, "count": h5_row, "sha256": sha})
+            files.append({"file": f"{split}.h5", "split": split, "count": h5_row,
+                          "bytes": (out_dir / f"{split}.h5").stat().st_size, "sha256": sha})
         elif (out_dir / f"{split}.h5").exists():
             (out_dir / f"{split}.h5").unlink()
 

@@ -11,6 +11,9 @@ The rules:
 - Tars are read front to back in 64 MiB blocks held in a local buffer: one ranged GET per 64 MiB of tar
   (one per tar up to that size), never one per sample. The next block's GET goes out while the reader
   parses the current one (read-ahead, at most two blocks held); a block shorter than asked for is refetched.
+  A tar's size is the card's `bytes` for it (no request; cards written before that field cost one HEAD per
+  tar). The last block's GET asks for one byte more than that size, so a served file longer than the card
+  says is a RemoteError naming the URL, as is one shorter (after the refetches), never a silent misread.
 - With a cache (`--cache DIR` or $CXR_CACHE) a tar is downloaded whole to a temporary name, checked against
   the card's sha256 and only then renamed to CACHE/tars/SHA256.tar; the least recently used tars leave
   once the cache passes its size limit. A partial or corrupt download never enters.
@@ -28,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -151,6 +155,19 @@ def card_files(card: dict, where: str) -> dict[str, str]:
     return out
 
 
+def card_sizes(card: dict, where: str) -> dict[str, int]:
+    """{file name: size in bytes} of the card's shard files that give one (`bytes`; older cards have none)."""
+    out = {}
+    for entry in card.get("files", []):
+        if "bytes" in entry:
+            size = entry["bytes"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise RemoteError(f"{where}: file {entry.get('file')!r} has bytes {size!r}, not a size in bytes; "
+                                  f"the card is damaged")
+            out[check_name(str(entry.get("file")), where)] = size
+    return out
+
+
 def read_remote_card(url: str, retry: RetryPolicy | None = None) -> tuple[bytes, dict]:
     card_url = join(url, CARD_NAME)
     try:
@@ -166,6 +183,7 @@ def read_remote_card(url: str, retry: RetryPolicy | None = None) -> tuple[bytes,
     if not isinstance(card, dict):
         raise RemoteError(f"{card_url}: the card is not a JSON object")
     card_files(card, card_url)
+    card_sizes(card, card_url)
     return raw, card
 
 
@@ -211,8 +229,9 @@ class RemoteTars:
     """
 
     def __init__(self, url: str, files: dict[str, str], cache: str | None, cache_gb: float,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, sizes: dict[str, int] | None = None):
         self.url, self.files, self.retry = url, files, retry
+        self.sizes = dict(sizes or {})            # from the card; a tar without one is sized by a HEAD
         self.cache = TarCache(Path(cache), cache_gb) if cache else None
 
     def has(self, name: str) -> bool:
@@ -226,7 +245,7 @@ class RemoteTars:
         url = join(self.url, check_name(name, self.url))
         if self.cache is not None:
             return open(self.cache.get_or_fetch(url, self.files[name], self.retry), "rb", buffering=1 << 20)
-        return RemoteFile(url, self.retry)
+        return RemoteFile(url, self.retry, size=self.sizes.get(name))
 
 
 def remote_tars(shard_dir: Path, retry: RetryPolicy | None = None) -> RemoteTars | None:
@@ -237,39 +256,55 @@ def remote_tars(shard_dir: Path, retry: RetryPolicy | None = None) -> RemoteTars
     info = json.loads(path.read_text())
     card = json.loads((Path(shard_dir) / CARD_NAME).read_text())
     return RemoteTars(info["url"], card_files(card, info["url"]), info.get("cache"),
-                      float(info.get("cache_gb", DEFAULT_CACHE_GB)), retry)
+                      float(info.get("cache_gb", DEFAULT_CACHE_GB)), retry, card_sizes(card, info["url"]))
 
 
 class RemoteFile:
     """A remote file read front to back in blocks of `block` bytes, one ranged GET each (`cat_file`), held in
-    a local buffer: the reader's many small reads and seeks cost a slice, not a call through fsspec.
+    a local buffer (an `io.BytesIO` over the block, no copy of it): the reader's many small reads, seeks and
+    tells inside a block are one C call each, not a call through fsspec.
 
     Read-ahead: on an async filesystem (fsspec's http, s3fs, gcsfs) the GET of the next block goes out on
     fsspec's event loop as soon as the reader starts on a block, so the server sends it while the reader
     parses; at most two blocks are held. The reader waits until that request is under way: a thread that
     only waits for the GIL would not send it before the reader next blocks.
 
-    The size comes first (one HEAD or its protocol's equivalent); a block shorter than asked for is a partial
-    download and is fetched again. Each block is retried with backoff, then a RemoteError names the URL."""
+    `size` is the file's size in bytes (the card's); without it the size is asked first (one HEAD or its
+    protocol's equivalent). The last block's GET asks for one byte past the size: a file longer than that is
+    a RemoteError. A block shorter than asked for (a partial download, or a file shorter than its size) is
+    fetched again. Each block is retried with backoff, then a RemoteError names the URL."""
 
-    def __init__(self, url: str, retry: RetryPolicy | None = None, block: int | None = None):
+    def __init__(self, url: str, retry: RetryPolicy | None = None, block: int | None = None,
+                 size: int | None = None):
         self.url, self.retry, self.block = url, retry, int(block or READ_BLOCK)
         self._fs, self._path = _fs(url)
-        self._pos = 0
-        self._buf, self._buf_start = b"", 0
+        self._buf, self._buf_start = io.BytesIO(), 0    # the block held; the position is _buf_start + _buf.tell()
         self._ahead: tuple[int, concurrent.futures.Future] | None = None
-        try:
-            self._size = int(with_retries(self.url, lambda: self._fs.size(self._path), self.retry))
-        except FileNotFoundError:
-            raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
+        self._size_from = "the card gives for it" if size is not None else "its size said"
+        if size is None:
+            try:
+                size = with_retries(self.url, lambda: self._fs.size(self._path), self.retry)
+            except FileNotFoundError:
+                raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
+        self._size = int(size)
         self._read_ahead(0)
 
-    def _want(self, pos: int) -> int:
-        return min(self.block, self._size - pos)
+    def _range(self, pos: int) -> tuple[int, int]:
+        """(start, end) of the GET of the block at `pos`; the last block's asks for one byte past the size."""
+        end = min(pos + self.block, self._size)
+        return pos, end + (end == self._size)
 
     def _checked(self, data: bytes, pos: int) -> bytes:
-        if len(data) != self._want(pos):
-            raise OSError(f"got {len(data)} of the {self._want(pos)} bytes asked for at byte {pos}")
+        want = min(self.block, self._size - pos)
+        if len(data) > want:
+            if pos + want == self._size:
+                raise RemoteError(f"{self.url}: longer than the {self._size:,} bytes {self._size_from}; the file "
+                                  f"changed after the card was written, or the set is damaged")
+            raise RemoteError(f"{self.url}: the server sent {len(data):,} bytes for a range of {want:,}; it must "
+                              f"answer range requests")
+        if len(data) < want:
+            raise OSError(f"got {len(data):,} of the {want:,} bytes asked for at byte {pos:,} (a download cut "
+                          f"short, or a file shorter than the {self._size:,} bytes {self._size_from})")
         return data
 
     def _read_ahead(self, pos: int) -> None:
@@ -278,10 +313,11 @@ class RemoteFile:
         if pos >= self._size or not getattr(self._fs, "async_impl", False):
             return
         sent = threading.Event()
+        start, end = self._range(pos)
 
         async def fetch() -> bytes:
             sent.set()
-            return await self._fs._cat_file(self._path, start=pos, end=pos + self._want(pos))
+            return await self._fs._cat_file(self._path, start=start, end=end)
         self._ahead = (pos, asyncio.run_coroutine_threadsafe(fetch(), self._fs.loop))
         sent.wait()
 
@@ -292,45 +328,54 @@ class RemoteFile:
             ahead[1].cancel()
             ahead = None
         tries = [ahead[1]] if ahead is not None else []
+        start, end = self._range(pos)
 
         def attempt() -> bytes:  # the read-ahead's result first; a retry asks again
-            data = tries.pop().result() if tries else \
-                self._fs.cat_file(self._path, start=pos, end=pos + self._want(pos))
+            data = tries.pop().result() if tries else self._fs.cat_file(self._path, start=start, end=end)
             return self._checked(data, pos)
         try:
             block = with_retries(self.url, attempt, self.retry)
         except FileNotFoundError:
             raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
-        self._buf, self._buf_start = block, pos
+        self._buf, self._buf_start = io.BytesIO(block), pos
         self._read_ahead(pos + len(block))
 
     def read(self, n: int = -1) -> bytes:
-        end = self._size if n is None or n < 0 else min(self._pos + n, self._size)
-        pieces = []
-        while self._pos < end:
-            off = self._pos - self._buf_start
-            if not 0 <= off < len(self._buf):
-                self._load(self._pos)
-                off = 0
-            take = min(end - self._pos, len(self._buf) - off)
-            pieces.append(self._buf[off:off + take])
-            self._pos += take
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        data = self._buf.read(n)
+        if len(data) == n:                   # inside the block held: the common case
+            return data
+        return self._read_on(data, n)
+
+    def _read_on(self, first: bytes, n: int | None) -> bytes:
+        """`first` (what the block held had left) and the bytes after it: `n` in all, or up to the end."""
+        pieces, pos = [first], self.tell()
+        end = self._size if n is None or n < 0 else min(pos - len(first) + n, self._size)
+        while pos < end:
+            self._load(pos)
+            pieces.append(self._buf.read(end - pos))
+            pos += len(pieces[-1])
+        return first if len(pieces) == 1 else b"".join(pieces)
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0:
             raise ValueError("RemoteFile seeks from the start only")
-        self._pos = int(pos)
-        return self._pos
+        pos = int(pos)
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        if pos >= self._buf_start:
+            self._buf.seek(pos - self._buf_start)          # past the block's end too: a read loads from there
+        else:
+            self._buf, self._buf_start = io.BytesIO(), pos  # before the block held: a read loads from there
+        return pos
 
     def tell(self) -> int:
-        return self._pos
+        return self._buf_start + self._buf.tell()
 
     def close(self) -> None:
         if self._ahead is not None:
             self._ahead[1].cancel()              # stops the download on the event loop
             self._ahead = None
-        self._buf = b""
+        self._buf = io.BytesIO()
 
     def __enter__(self):
         return self

@@ -62,6 +62,9 @@ def verify_shards(path: str | os.PathLike) -> VerifyReport:
         if not file.is_file():
             report.problems.append(f"{name}: missing")
             continue
+        size = file.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:      # cards before the field have no "bytes"
+            report.problems.append(f"{name}: {size} bytes, dataset.json says {entry['bytes']!r}")
         sha = sha256_file(file)
         if sha != entry.get("sha256"):
             report.problems.append(f"{name}: sha256 {sha[:12]}... does not match dataset.json ({str(entry.get('sha256'))[:12]}...)")

@@ -110,7 +110,7 @@ def make_shard_set(root: Path, name: str = "fx-16", *, counts: dict[str, int] | 
                         for member in sorted(members):
                             tar.addfile(_tarinfo(member, len(members[member])), io.BytesIO(members[member]))
                 files.append({"file": path.name, "split": split, "count": len(keys[s:s + shard_size]),
-                              "sha256": _sha256(path)})
+                              "bytes": path.stat().st_size, "sha256": _sha256(path)})
         if "hdf5" in formats:
             path = out / f"{split}.h5"
             with h5py.File(path, "w") as h5:
@@ -123,7 +123,8 @@ def make_shard_set(root: Path, name: str = "fx-16", *, counts: dict[str, int] | 
                 h5.attrs["labels"] = json.dumps(list(labels))
                 h5.attrs["size"] = size
                 h5.attrs["split"] = split
-            files.append({"file": path.name, "split": split, "count": n, "sha256": _sha256(path)})
+            files.append({"file": path.name, "split": split, "count": n, "bytes": path.stat().st_size,
+                          "sha256": _sha256(path)})
         split_cards[split] = {"count": n, "patients": int(table["patient_id"].nunique())}
     manifest = pd.concat(tables, ignore_index=True)
     meta = {"source": "nih", "labels": list(labels), "options": {}, "version": "0.1.0"}

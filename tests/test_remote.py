@@ -157,6 +157,54 @@ def test_network_errors_are_retried_then_one_line(served):
     assert "\n" not in msg and msg.startswith(f"{url}/train-000001.tar: ") and "3 tries" in msg
 
 
+def test_tars_are_sized_by_the_card_and_a_card_without_sizes_still_reads(served, tmp_path):
+    local, url, server = served
+    kw = dict(batch_size=4, seed=4, rank=0, world_size=1, shuffle=False)
+    want = everything(cxrshards.open_shards(local, "train", format="wds", **kw))
+    heads, gets = server.tar_heads(), server.tar_gets()
+    assert same(everything(cxrshards.open_shards(url, "train", **kw)), want)
+    assert server.tar_gets() - gets == 5 and server.tar_heads() == heads     # one GET per tar, no HEAD
+
+    old = tmp_path / "old"                 # a card written before `bytes`: each tar costs a HEAD first
+    shutil.copytree(local, old)
+    card = json.loads((old / "dataset.json").read_text())
+    for entry in card["files"]:
+        del entry["bytes"]
+    (old / "dataset.json").write_text(json.dumps(card))
+    with serve_folder(tmp_path) as other:
+        assert same(everything(cxrshards.open_shards(f"{other.url}/old", "train", **kw)), want)
+        assert other.tar_gets() == 5 and other.tar_heads() == 5
+
+
+def test_a_served_tar_longer_or_shorter_than_its_card_says_is_one_line(served, tmp_path):
+    local, url, server = served
+    kw = dict(batch_size=4, seed=4, rank=0, world_size=1, shuffle=False)
+    changed = tmp_path / "changed"
+    shutil.copytree(local, changed)
+    tar = changed / "train-000002.tar"
+    size = tar.stat().st_size
+    with serve_folder(tmp_path) as other:
+        set_url = f"{other.url}/changed"
+        tar.write_bytes(tar.read_bytes() + bytes(512))     # still a valid tar: only its size tells
+        with pytest.raises(CxrError) as err:
+            everything(cxrshards.open_shards(set_url, "train", **kw))
+        assert str(err.value) == f"{set_url}/{tar.name}: longer than the {size:,} bytes the card gives for it; " \
+                                 f"the file changed after the card was written, or the set is damaged"
+        tar.write_bytes((local / tar.name).read_bytes()[:size - 512])
+        with pytest.raises(CxrError) as err:
+            everything(cxrshards.open_shards(set_url, "train", **kw))
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"{set_url}/{tar.name}: OSError: got {size - 512:,} of the ")
+        assert f"shorter than the {size:,} bytes the card gives for it" in msg and "3 tries" in msg
+
+        card = json.loads((changed / "dataset.json").read_text())
+        card["files"][0]["bytes"] = "10"
+        (changed / "dataset.json").write_text(json.dumps(card))
+        with pytest.raises(CxrError, match=r"^http://.*/changed/dataset.json: file 'train-000000.tar' has bytes "
+                                           r"'10', not a size in bytes; the card is damaged$"):
+            cxrshards.open_shards(set_url, "train", cache=tmp_path / "fresh")
+
+
 def test_one_line_errors(served, tmp_path, monkeypatch):
     local, url, server = served
     with pytest.raises(CxrError, match=r"HDF5 .* local disk only; pull .*cxr shard pull"):

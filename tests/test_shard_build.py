@@ -30,6 +30,7 @@ def test_real_kermany_folder_reads_back_in_both_formats(tmp_path, shared_data):
     assert table.loc[table["patient_id"] == "person1946", "split"].nunique() == 1
     assert 0.0 < card["pixel_mean"] < 1.0 and 0.0 < card["pixel_std"] < 0.5
     assert {f["file"] for f in card["files"]} == {p.name for p in result.path.iterdir() if p.suffix in (".tar", ".h5")}
+    assert all(f["bytes"] == (result.path / f["file"]).stat().st_size for f in card["files"])  # remote readers size by it
     assert not (result.path / ".work").exists() and not (result.path / ".progress").exists()
 
 

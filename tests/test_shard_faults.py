@@ -113,3 +113,10 @@ def test_verify_names_a_flipped_byte_and_a_missing_file(tmp_path, shared_data):
     card["files"][0]["count"] += 1
     (result.path / "dataset.json").write_text(json.dumps(card))
     assert any(p.startswith(card["files"][0]["file"] + ": holds") for p in verify_shards(result.path).problems)
+    # and one that gives a wrong size (a remote reader would ask for the wrong byte range)
+    card["files"][0]["count"] -= 1
+    card["files"][0]["bytes"] += 512
+    (result.path / "dataset.json").write_text(json.dumps(card))
+    name = card["files"][0]["file"]
+    assert [p for p in verify_shards(result.path).problems if p.startswith(name)] == \
+        [f"{name}: {card['files'][0]['bytes'] - 512} bytes, dataset.json says {card['files'][0]['bytes']}"]
