@@ -24,9 +24,9 @@ LAYERS = ("layer2", "layer3", "layer4")
 
 
 def measure(workdir: Path, images: int = IMAGES, size: int = SIZE, epochs: int = EPOCHS) -> dict:
-    import cv2
     import pandas as pd
     import torch
+    from PIL import Image
 
     from cxrshards import open_shards
     from cxrshards.build import BuildConfig, build_shards
@@ -66,7 +66,8 @@ def measure(workdir: Path, images: int = IMAGES, size: int = SIZE, epochs: int =
             logit = model.model(x)[0, output_index(model.head, 0)]
         if logit.item() <= 0:                 # not called positive: no true positive to explain
             continue
-        h, w = cv2.imread(str(raw / row.path), cv2.IMREAD_GRAYSCALE).shape
+        with Image.open(raw / row.path) as film:         # the header's size; no decode
+            w, h = film.size
         heart = fit_resize(folder_heart_mask(row.path, h, w).astype(np.uint8) * 255, size, "pad") >= 128
         areas.append(heart.mean())
         for name, layer in layers.items():

@@ -42,10 +42,14 @@ class FolderServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def tar_gets(self) -> int:
-        return sum(n for path, n in self.gets.items() if path.endswith(".tar"))
+        return _tar_requests(self.gets)
 
     def tar_heads(self) -> int:
-        return sum(n for path, n in self.heads.items() if path.endswith(".tar"))
+        return _tar_requests(self.heads)
+
+
+def _tar_requests(counts: collections.Counter[str]) -> int:
+    return sum(n for path, n in counts.items() if path.endswith(".tar"))
 
 
 class _Handler(BaseHTTPRequestHandler):
