@@ -88,6 +88,19 @@ def test_url_yields_what_the_local_set_yields(served, kw):
         assert same(got_a, got_b)
 
 
+@pytest.mark.parametrize("codec", ["png", "raw"])
+def test_every_codec_reads_the_same_over_http(codec, tmp_path):
+    """The reader takes views into a streamed block, not bytes (the raw codec's header check included)."""
+    local = make_shard_set(tmp_path, f"fx-{codec}", codec=codec, formats=("wds",))
+    with serve_folder(tmp_path) as server:
+        for batch_size in (4, None):
+            kw = dict(batch_size=batch_size, seed=1, epoch=3, rank=0, world_size=1)
+            want = [(k, i.clone()) for i, _, k in cxrshards.open_shards(local, "train", format="wds", **kw)]
+            got = [(k, i.clone()) for i, _, k in cxrshards.open_shards(f"{server.url}/{local.name}", "train", **kw)]
+            assert len(got) == len(want) > 0
+            assert all(kg == kw_ and torch.equal(ig, iw) for (kg, ig), (kw_, iw) in zip(got, want))
+
+
 def test_url_through_loader_workers_and_one_get_per_tar(served):
     local, url, server = served
     kw = dict(batch_size=4, seed=2, epoch=3, rank=0, world_size=1)
