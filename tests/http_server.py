@@ -4,8 +4,8 @@ Serves GET (with single `Range: bytes=A-B` requests, as fsspec's HTTP files send
 GETs and the HEADs per path, records each GET's Range header (`ranges`), and can be told to misbehave:
 `fail_next[path] = n` answers the next n GETs of that path with 500; `drop_after[path] = n` sends the headers
 and only n bytes of the next GET's body, then closes the connection (a list: one such GET per entry);
-`hold_after[path] = (n, event)` sends n bytes of the next GET's body, then waits (`holding` is True) until the
-event is set or 10 s pass; `say_total = False` answers ranges with `Content-Range: bytes A-B/*` (a server
+`hold_after[path] = (n, event)` sends n bytes of the next GET's body, then waits until the event is set or
+10 s pass (`holding` is True from that GET's start until then); `say_total = False` answers ranges with `Content-Range: bytes A-B/*` (a server
 that does not say the file's size).
 
 A body goes out in writes of up to `WRITE_CHUNK` (4 MiB). Measured on a 15 MiB range (bench/read_bench.py's
@@ -127,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
             fh.seek(start)
             left = length if drop is None else min(length, drop)
             sent = 0
+            self.server.holding = self.server.holding or hold is not None   # from the start of a held body
             while left > 0:
                 step = min(left, WRITE_CHUNK) if hold is None or sent >= hold[0] else min(left, hold[0] - sent)
                 chunk = fh.read(step)
@@ -136,7 +137,6 @@ class _Handler(BaseHTTPRequestHandler):
                 left -= len(chunk)
                 sent += len(chunk)
                 if hold is not None and sent == hold[0]:
-                    self.server.holding = True
                     hold[1].wait(10)
                     self.server.holding = False
         if drop is not None:
