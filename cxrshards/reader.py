@@ -93,8 +93,8 @@ def _tar_members(f, path: Path | str) -> Iterator[tuple[bytes, int]]:
     """
     long_name: bytes | None = None
     pax_size: int | None = None
+    start = f.tell()
     while True:
-        start = f.tell()
         header = f.read(_BLOCK)
         if len(header) < _BLOCK or header == _ZERO_BLOCK:
             return
@@ -136,7 +136,8 @@ def _tar_members(f, path: Path | str) -> Iterator[tuple[bytes, int]]:
             yield name, size
         else:  # directories, links, global pax headers: nothing to read
             long_name = pax_size = None
-        f.seek(data_at + ((size + _BLOCK - 1) // _BLOCK) * _BLOCK)
+        start = data_at + ((size + _BLOCK - 1) // _BLOCK) * _BLOCK
+        f.seek(start)
 
 
 class _Decoder:
@@ -150,7 +151,7 @@ class _Decoder:
 
     def __call__(self, data: bytes, codec: str) -> np.ndarray:
         prefix = self._npy_prefix
-        if codec == "raw" and prefix is not None and data.startswith(prefix) \
+        if codec == "raw" and prefix is not None and data[:len(prefix)] == prefix \
                 and len(data) == len(prefix) + self.size * self.size:
             return np.frombuffer(data, np.uint8, offset=len(prefix)).reshape(self.size, self.size)
         img = self.decode(data, codec)
@@ -169,7 +170,7 @@ class _Decoder:
         except ValueError:
             return None
         ok = shape == (self.size, self.size) and not fortran and dtype == np.dtype(np.uint8)
-        return data[:stream.tell()] if ok else None
+        return bytes(data[:stream.tell()]) if ok else None
 
 
 def _check_image(img: Any, size: int, where: str) -> np.ndarray:
@@ -476,12 +477,13 @@ class ShardStream(IterableDataset):
     @staticmethod
     def _read_tar(path: Path | str, wanted: dict[bytes, int], opened) -> Iterator[tuple[int, bytes, str]]:
         with opened as f:
+            read = getattr(f, "read_view", f.read)   # a remote block hands out views of itself, not copies
             for name, size in _tar_members(f, path):
                 key, _, ext = name.partition(b".")
                 row = wanted.get(key)
                 if row is None or ext not in _IMAGE_EXTS:
                     continue
-                data = f.read(size)
+                data = read(size)
                 if len(data) != size:
                     raise CxrError(f"{path}: truncated at member {name.decode(errors='replace')}; "
                                    f"{_verify_hint(path)}")

@@ -1,7 +1,8 @@
 """Shard sets at a URL (http(s)://, s3://, gs://, any fsspec protocol): read in place, pushed, pulled.
 
 The rules:
-- Every file goes through fsspec (`url_to_fs`, `fs.open`), so each protocol takes the same path here.
+- Every file goes through fsspec (`url_to_fs`, `fs.open`), so each protocol takes the same path here; the
+  one exception is how a streamed block's body arrives (below).
 - A URL names a shard-set folder. Its card (dataset.json) is read first, then manifest.parquet, checked
   against the card's manifest_sha256. Both land in a local *mirror* folder (CACHE/sets/CARD_SHA when a
   cache is given, else a temporary folder removed when the process exits) with remote.json naming the URL;
@@ -9,11 +10,14 @@ The rules:
 - File names in a remote card are plain names in the set's folder (letters, digits, `._-`, no `..`, no
   `/`, no `%`): anything else is refused before anything is downloaded.
 - Tars are read front to back in 64 MiB blocks held in a local buffer: one ranged GET per 64 MiB of tar
-  (one per tar up to that size), never one per sample. The next block's GET goes out while the reader
-  parses the current one (read-ahead, at most two blocks held); a block shorter than asked for is refetched.
+  (one per tar up to that size), never one per sample. Over http(s) and s3 a block's body is streamed into
+  its buffer as it arrives and a read waits only for the bytes it needs (fsspec has no streamed ranged
+  read: `_STREAMED` is the one branch per protocol; others fill a block with one `_cat_file`). The next
+  block's GET is queued to go out when the current body is complete (read-ahead, at most two blocks held).
   A tar's size is the card's `bytes` for it (no request; cards written before that field cost one HEAD per
-  tar). The last block's GET asks for one byte more than that size, so a served file longer than the card
-  says is a RemoteError naming the URL, as is one shorter (after the refetches), never a silent misread.
+  tar). An answer that says the file has another size (Content-Range, Content-Length) is a RemoteError
+  naming the URL, as is a body that runs past the size (the last block asks for one byte more); a body that
+  stops early is asked for again from where it stopped, then reported. Never a silent misread.
 - With a cache (`--cache DIR` or $CXR_CACHE) a tar is downloaded whole to a temporary name, checked against
   the card's sha256 and only then renamed to CACHE/tars/SHA256.tar; the least recently used tars leave
   once the cache passes its size limit. A partial or corrupt download never enters.
@@ -28,10 +32,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -41,6 +45,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
+
+import numpy as np
 
 from cxrshards.card import CARD_NAME, MANIFEST_NAME, REJECTS_NAME
 from manifests.atomic import atomic_path, write_bytes_atomic
@@ -90,13 +96,16 @@ def check_name(name: str, where: str) -> str:
     return name
 
 
+_NOT_RETRIED = (CxrError, FileNotFoundError, PermissionError, IsADirectoryError)   # not network trouble
+
+
 def with_retries(url: str, action: Callable[[], T], retry: RetryPolicy | None = None) -> T:
     """`action()`, retried with backoff on network errors; a missing file or a CxrError is not retried."""
     retry = retry or RETRY
     for attempt in range(retry.tries):
         try:
             return action()
-        except (CxrError, FileNotFoundError, PermissionError, IsADirectoryError):
+        except _NOT_RETRIED:
             raise
         except Exception as exc:  # noqa: BLE001 - aiohttp, botocore and OSError all signal network trouble
             if attempt + 1 == retry.tries:
@@ -259,123 +268,287 @@ def remote_tars(shard_dir: Path, retry: RetryPolicy | None = None) -> RemoteTars
                       float(info.get("cache_gb", DEFAULT_CACHE_GB)), retry, card_sizes(card, info["url"]))
 
 
-class RemoteFile:
-    """A remote file read front to back in blocks of `block` bytes, one ranged GET each (`cat_file`), held in
-    a local buffer (an `io.BytesIO` over the block, no copy of it): the reader's many small reads, seeks and
-    tells inside a block are one C call each, not a call through fsspec.
+class _Body:
+    """The answer to one ranged GET: whether it is a 206, the file's complete length if the answer says it
+    (Content-Range `bytes A-B/TOTAL`), the body's length if it says that (Content-Length), and the body as an
+    async iterator of chunks."""
 
-    Read-ahead: on an async filesystem (fsspec's http, s3fs, gcsfs) the GET of the next block goes out on
-    fsspec's event loop as soon as the reader starts on a block, so the server sends it while the reader
-    parses; at most two blocks are held. The reader waits until that request is under way: a thread that
-    only waits for the GIL would not send it before the reader next blocks.
+    def __init__(self, partial: bool, total: int | None, length: int | None, chunks):
+        self.partial, self.total, self.length, self.chunks = partial, total, length, chunks
+
+
+def _complete_length(content_range: str | None) -> int | None:
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    return int(match.group(1)) if match else None
+
+
+@contextlib.asynccontextmanager
+async def _http_range(fs, path: str, start: int, end: int):
+    """GET bytes [start, end) with fsspec's own HTTP session and settings (its `_cat_file`, body unread)."""
+    kw = fs.kwargs.copy()
+    headers = {**kw.pop("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(path), headers=headers, **kw) as r:
+        fs._raise_not_found_for_status(r, path)
+        yield _Body(r.status == 206, _complete_length(r.headers.get("Content-Range")), r.content_length,
+                    r.content.iter_any())
+
+
+@contextlib.asynccontextmanager
+async def _s3_range(fs, path: str, start: int, end: int):
+    """GetObject of bytes [start, end) through s3fs's client (its `_cat_file`, body unread)."""
+    bucket, key, version = fs.split_path(path)
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                             **({"VersionId": version} if version else {}))
+    body = resp["Body"]
+    try:
+        yield _Body(True, _complete_length(resp.get("ContentRange")), resp.get("ContentLength"),
+                    body.iter_chunks(1 << 20))
+    finally:
+        body.close()
+
+
+# fsspec's API has no streamed ranged read (cat_file returns a range only once its last byte is in), so the
+# two protocols the tests serve for real get a body that arrives chunk by chunk; any other protocol (gcsfs,
+# ...) fills each block with one `_cat_file`, or `cat_file` on a synchronous filesystem.
+_STREAMED = {"http": _http_range, "https": _http_range, "s3": _s3_range, "s3a": _s3_range}
+
+
+class _Block:
+    """Bytes [start, start + size) of a remote file, arriving in `view` on fsspec's event loop.
+
+    `got` bytes have arrived (they never change after); `done` says the fill has ended and `error` why it
+    ended early (None: the body just stopped). The loop thread writes these, the reader waits on `arrived`,
+    which the loop sets once `got` reaches the reader's `need`, and when the fill ends."""
+
+    def __init__(self, start: int, size: int, ask: int):
+        self.start, self.size, self.ask = start, size, ask    # ask: size, or size + 1 for the last block
+        self.view = memoryview(b"")
+        self.got, self.done, self.error = 0, True, None
+        self.judged = False                                   # the reader has seen this fill end short
+        self.need = ask + 1                                   # nobody waits yet
+        self.arrived = threading.Event()
+        self.future: concurrent.futures.Future | None = None
+
+    def take(self, chunk) -> None:
+        """Append an arrived chunk (the loop thread)."""
+        n = len(chunk)
+        if self.got + n > self.size:
+            raise _Overrun(self.got + n)
+        if n == self.size:                                    # the whole block at once (`_cat_file`): kept
+            self.view = memoryview(chunk)
+        else:
+            if len(self.view) < self.size:                    # a buffer for the whole block
+                self.view = memoryview(np.empty(self.size, np.uint8))
+            self.view[self.got:self.got + n] = chunk
+        self.got += n
+        if self.got >= self.need:
+            self.arrived.set()
+
+    def wait(self, need: int) -> None:
+        """Until `need` bytes have arrived or the fill has ended (the reader's thread)."""
+        self.need = need
+        self.arrived.clear()
+        if self.got < need and not self.done:
+            self.arrived.wait()
+
+    def cancel(self) -> None:
+        if self.future is not None:
+            self.future.cancel()                              # stops the download on the event loop
+
+
+class _Overrun(Exception):
+    """More bytes than a block's range arrived: `got` of them."""
+
+    def __init__(self, got: int):
+        self.got = got
+
+
+class RemoteFile:
+    """A remote file read front to back in blocks of `block` bytes, one ranged GET each, held in a local buffer.
+
+    Streaming: over http(s) and s3 a block's body lands in its buffer chunk by chunk as it arrives (fsspec's
+    loop thread copies it in), and a read waits only for the bytes it asks for, so the reader parses the
+    front of a tar while the server still sends the rest. Other protocols fill a block with one `_cat_file`.
+    Reads inside the part of a block that has arrived are slices of its buffer (`read_view`: no copy).
+
+    Read-ahead: on an async filesystem the next block's GET is queued as the reader moves into a block and
+    goes out when the current block's body is complete (one transfer at a time; at most two blocks held).
 
     `size` is the file's size in bytes (the card's); without it the size is asked first (one HEAD or its
-    protocol's equivalent). The last block's GET asks for one byte past the size: a file longer than that is
-    a RemoteError. A block shorter than asked for (a partial download, or a file shorter than its size) is
-    fetched again. Each block is retried with backoff, then a RemoteError names the URL."""
+    protocol's equivalent). A GET whose answer says the file has another size (Content-Range), or whose body
+    runs past its range (the last block asks for one byte past the size), is a RemoteError naming the URL. A
+    body that stops early is asked for again from where it stopped, with backoff; then a RemoteError."""
 
     def __init__(self, url: str, retry: RetryPolicy | None = None, block: int | None = None,
                  size: int | None = None):
         self.url, self.retry, self.block = url, retry, int(block or READ_BLOCK)
         self._fs, self._path = _fs(url)
-        self._buf, self._buf_start = io.BytesIO(), 0    # the block held; the position is _buf_start + _buf.tell()
-        self._ahead: tuple[int, concurrent.futures.Future] | None = None
+        self._async = bool(getattr(self._fs, "async_impl", False))
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, (tuple, list)) else (self._fs.protocol,)
+        self._ranged = next((_STREAMED[p] for p in protocols if p in _STREAMED), None) if self._async else None
         self._size_from = "the card gives for it" if size is not None else "its size said"
         if size is None:
             try:
                 size = with_retries(self.url, lambda: self._fs.size(self._path), self.retry)
             except FileNotFoundError:
                 raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
-        self._size = int(size)
-        self._read_ahead(0)
+        self._size, self._pos = int(size), 0
+        self._cur = self._start(0)            # the first GET goes out now
+        self._next: _Block | None = None
 
-    def _range(self, pos: int) -> tuple[int, int]:
-        """(start, end) of the GET of the block at `pos`; the last block's asks for one byte past the size."""
-        end = min(pos + self.block, self._size)
-        return pos, end + (end == self._size)
+    # --- filling blocks
 
-    def _checked(self, data: bytes, pos: int) -> bytes:
-        want = min(self.block, self._size - pos)
-        if len(data) > want:
-            if pos + want == self._size:
-                raise RemoteError(f"{self.url}: longer than the {self._size:,} bytes {self._size_from}; the file "
-                                  f"changed after the card was written, or the set is damaged")
-            raise RemoteError(f"{self.url}: the server sent {len(data):,} bytes for a range of {want:,}; it must "
-                              f"answer range requests")
-        if len(data) < want:
-            raise OSError(f"got {len(data):,} of the {want:,} bytes asked for at byte {pos:,} (a download cut "
-                          f"short, or a file shorter than the {self._size:,} bytes {self._size_from})")
-        return data
+    def _start(self, pos: int, after: _Block | None = None) -> _Block:
+        """A block from `pos`, its fill begun (queued behind `after`'s on an async filesystem)."""
+        size = min(self.block, self._size - pos)
+        block = _Block(pos, size, size + (pos + size == self._size))
+        if size > 0:
+            self._fill(block, after)
+        return block
 
-    def _read_ahead(self, pos: int) -> None:
-        """Start the GET of the block at `pos` on fsspec's event loop (async filesystems only)."""
-        self._ahead = None
-        if pos >= self._size or not getattr(self._fs, "async_impl", False):
+    def _fill(self, block: _Block, after: _Block | None = None) -> None:
+        """(Re)start fetching what `block` lacks: on fsspec's loop (async filesystems), else here and now."""
+        block.done, block.error, block.judged = False, None, False
+        if self._async:
+            block.future = asyncio.run_coroutine_threadsafe(self._fetch(block, after), self._fs.loop)
             return
-        sent = threading.Event()
-        start, end = self._range(pos)
-
-        async def fetch() -> bytes:
-            sent.set()
-            return await self._fs._cat_file(self._path, start=start, end=end)
-        self._ahead = (pos, asyncio.run_coroutine_threadsafe(fetch(), self._fs.loop))
-        sent.wait()
-
-    def _load(self, pos: int) -> None:
-        """Make the block starting at `pos` the buffer, then start the GET of the one after it."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] != pos:   # a seek away from the block under way
-            ahead[1].cancel()
-            ahead = None
-        tries = [ahead[1]] if ahead is not None else []
-        start, end = self._range(pos)
-
-        def attempt() -> bytes:  # the read-ahead's result first; a retry asks again
-            data = tries.pop().result() if tries else self._fs.cat_file(self._path, start=start, end=end)
-            return self._checked(data, pos)
         try:
-            block = with_retries(self.url, attempt, self.retry)
-        except FileNotFoundError:
-            raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
-        self._buf, self._buf_start = io.BytesIO(block), pos
-        self._read_ahead(pos + len(block))
+            self._take(block, self._fs.cat_file(self._path, start=block.start + block.got, end=block.start + block.ask))
+        except Exception as exc:  # noqa: BLE001 - judged by the reader's retries, like a failed GET
+            block.error = exc
+        block.done = True
+
+    async def _fetch(self, block: _Block, after: _Block | None) -> None:
+        try:
+            if after is not None and after.future is not None:
+                await asyncio.wait([asyncio.wrap_future(after.future)])   # one transfer at a time
+            start, end = block.start + block.got, block.start + block.ask
+            if self._ranged is None:
+                self._take(block, await self._fs._cat_file(self._path, start=start, end=end))
+                return
+            async with self._ranged(self._fs, self._path, start, end) as body:
+                self._judge_overrun(block, lambda: self._check(body, block, start))
+                async for chunk in body.chunks:
+                    self._take(block, chunk)
+        except Exception as exc:  # noqa: BLE001 - judged by the reader's retries, like a failed GET
+            block.error = exc
+        finally:
+            block.done = True
+            block.arrived.set()
+
+    def _check(self, body: _Body, block: _Block, start: int) -> None:
+        """Refuse an answer that says the file has another size than the card's, before its body arrives."""
+        has, asked_end = body.total, block.start + block.ask
+        if has is None and body.length is not None and start + body.length < asked_end:
+            has = start + body.length              # the body stops before the end asked for: the file ends there
+        if has is not None and has != self._size:
+            if has > self._size:
+                raise self._longer()
+            raise RemoteError(f"{self.url}: shorter than the {self._size:,} bytes {self._size_from} (the server "
+                              f"has {has:,}); the file changed after the card was written, or the set is damaged")
+        if body.length is not None and start + body.length > block.start + block.size:
+            raise _Overrun(start - block.start + body.length)
+        if not body.partial and start > 0:
+            raise RemoteError(f"{self.url}: the server answered a range request with the whole file; it must "
+                              f"answer range requests")
+
+    def _take(self, block: _Block, chunk) -> None:
+        self._judge_overrun(block, lambda: block.take(chunk))
+
+    def _judge_overrun(self, block: _Block, action: Callable[[], None]) -> None:
+        """`action()`; more bytes than the block's range is a RemoteError: a longer file or a server that
+        ignores ranges."""
+        try:
+            action()
+        except _Overrun as over:
+            if block.start + block.size == self._size:
+                raise self._longer() from None
+            raise RemoteError(f"{self.url}: the server sent {over.got:,} bytes for a range of {block.size:,}; it "
+                              f"must answer range requests") from None
+
+    def _longer(self) -> RemoteError:
+        return RemoteError(f"{self.url}: longer than the {self._size:,} bytes {self._size_from}; the file "
+                           f"changed after the card was written, or the set is damaged")
+
+    def _wait(self, block: _Block, need: int) -> None:
+        """Until `need` bytes of `block` have arrived. A fill that ended short is asked again from where it
+        stopped (`with_retries`: backoff, then a RemoteError naming the URL)."""
+        def attempt() -> None:
+            if block.judged:                  # the fill ended short last time: ask for the rest again
+                self._fill(block)
+            block.wait(need)
+            if block.got < need:
+                block.judged = True
+                if isinstance(block.error, _NOT_RETRIED):
+                    raise block.error
+                why = (f"a download cut short, or a file shorter than the {self._size:,} bytes {self._size_from}"
+                       if block.error is None else f"{type(block.error).__name__}: {block.error}")
+                raise OSError(f"got {block.got:,} of the {block.size:,} bytes asked for at byte {block.start:,} "
+                              f"({why})")
+        if block.got < need:
+            try:
+                with_retries(self.url, attempt, self.retry)
+            except FileNotFoundError:
+                raise RemoteError(f"{self.url}: not found (listed in the card but missing)") from None
+
+    # --- the file interface
+
+    def _block_at(self, pos: int) -> _Block:
+        """The block holding `pos`: the current one, the read-ahead (which becomes current), or a new one."""
+        for block in (self._cur, self._next):
+            if block is not None and block.start <= pos < block.start + block.size:
+                break
+        else:
+            self._drop()
+            block = self._start(pos)
+        if block is not self._cur:
+            self._cur.cancel()
+            self._cur, self._next = block, None
+        if self._next is None and self._async and block.start + block.size < self._size:
+            self._next = self._start(block.start + block.size, after=block)
+        return block
+
+    def read_view(self, n: int = -1) -> memoryview | bytes:
+        """The next `n` bytes (all the rest for n < 0), as a view into the block's buffer when they lie in one."""
+        block, at = self._cur, self._pos - self._cur.start
+        if 0 <= n and 0 <= at and at + n <= block.got:        # already arrived: the common case
+            self._pos += n
+            return block.view[at:at + n]
+        end = self._size if n < 0 else min(self._pos + n, self._size)
+        pieces = []
+        while self._pos < end:
+            block = self._block_at(self._pos)
+            at = self._pos - block.start
+            take = min(end, block.start + block.size) - self._pos
+            self._wait(block, at + take)
+            pieces.append(block.view[at:at + take])
+            self._pos += take
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)   # b"" at the end
 
     def read(self, n: int = -1) -> bytes:
-        data = self._buf.read(n)
-        if len(data) == n:                   # inside the block held: the common case
-            return data
-        return self._read_on(data, n)
-
-    def _read_on(self, first: bytes, n: int | None) -> bytes:
-        """`first` (what the block held had left) and the bytes after it: `n` in all, or up to the end."""
-        pieces, pos = [first], self.tell()
-        end = self._size if n is None or n < 0 else min(pos - len(first) + n, self._size)
-        while pos < end:
-            self._load(pos)
-            pieces.append(self._buf.read(end - pos))
-            pos += len(pieces[-1])
-        return first if len(pieces) == 1 else b"".join(pieces)
+        return bytes(self.read_view(n))
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0:
             raise ValueError("RemoteFile seeks from the start only")
-        pos = int(pos)
         if pos < 0:
             raise ValueError(f"negative seek position {pos}")
-        if pos >= self._buf_start:
-            self._buf.seek(pos - self._buf_start)          # past the block's end too: a read loads from there
-        else:
-            self._buf, self._buf_start = io.BytesIO(), pos  # before the block held: a read loads from there
-        return pos
+        self._pos = int(pos)
+        return self._pos
 
     def tell(self) -> int:
-        return self._buf_start + self._buf.tell()
+        return self._pos
+
+    def _drop(self) -> None:
+        for block in (self._cur, self._next):
+            if block is not None:
+                block.cancel()
+        self._next = None
 
     def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead[1].cancel()              # stops the download on the event loop
-            self._ahead = None
-        self._buf = io.BytesIO()
+        self._drop()
+        self._cur = _Block(self._size, 0, 0)
 
     def __enter__(self):
         return self

@@ -1,9 +1,12 @@
 """TEST FIXTURE: a real HTTP server over a folder, bound to 127.0.0.1, for remote shard-set tests and the bench.
 
 Serves GET (with single `Range: bytes=A-B` requests, as fsspec's HTTP files send them) and HEAD, counts the
-GETs and the HEADs per path, and can be told to fail: `fail_next[path] = n` answers the next n GETs of that
-path with 500, `drop_after[path] = n` sends the headers and only n bytes of the body, then closes the
-connection.
+GETs and the HEADs per path, records each GET's Range header (`ranges`), and can be told to misbehave:
+`fail_next[path] = n` answers the next n GETs of that path with 500; `drop_after[path] = n` sends the headers
+and only n bytes of the next GET's body, then closes the connection (a list: one such GET per entry);
+`hold_after[path] = (n, event)` sends n bytes of the next GET's body, then waits until the event is set or
+10 s pass (`holding` is True from that GET's start until then); `say_total = False` answers ranges with `Content-Range: bytes A-B/*` (a server
+that does not say the file's size).
 
 A body goes out in writes of up to `WRITE_CHUNK` (4 MiB). Measured on a 15 MiB range (bench/read_bench.py's
 raw tar, reader pinned to one core): 1 MiB writes cost this server ~40% more CPU per range and the reader
@@ -33,7 +36,11 @@ class FolderServer(ThreadingHTTPServer):
         self.gets: collections.Counter[str] = collections.Counter()
         self.heads: collections.Counter[str] = collections.Counter()
         self.fail_next: dict[str, int] = {}
-        self.drop_after: dict[str, int] = {}
+        self.drop_after: dict[str, int | list[int]] = {}
+        self.hold_after: dict[str, tuple[int, threading.Event]] = {}
+        self.ranges: list[tuple[str, str]] = []
+        self.holding = False
+        self.say_total = True
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -85,7 +92,13 @@ class _Handler(BaseHTTPRequestHandler):
             failing = self.server.fail_next.get(rel, 0)
             if failing:
                 self.server.fail_next[rel] = failing - 1
+            self.server.ranges.append((rel, self.headers.get("Range", "")))
             drop = self.server.drop_after.pop(rel, None)
+            if isinstance(drop, list):
+                drop, rest = (drop[0], drop[1:]) if drop else (None, [])
+                if rest:
+                    self.server.drop_after[rel] = rest
+            hold = self.server.hold_after.pop(rel, None)
         if failing:
             self.send_error(500, "injected failure")
             return
@@ -103,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 start = max(0, size - int(match.group(2)))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size if self.server.say_total else '*'}")
         else:
             self.send_response(200)
         length = max(0, end - start + 1)
@@ -113,12 +126,19 @@ class _Handler(BaseHTTPRequestHandler):
         with open(path, "rb") as fh:
             fh.seek(start)
             left = length if drop is None else min(length, drop)
+            sent = 0
+            self.server.holding = self.server.holding or hold is not None   # from the start of a held body
             while left > 0:
-                chunk = fh.read(min(left, WRITE_CHUNK))
+                step = min(left, WRITE_CHUNK) if hold is None or sent >= hold[0] else min(left, hold[0] - sent)
+                chunk = fh.read(step)
                 if not chunk:
                     break
                 self.wfile.write(chunk)
                 left -= len(chunk)
+                sent += len(chunk)
+                if hold is not None and sent == hold[0]:
+                    hold[1].wait(10)
+                    self.server.holding = False
         if drop is not None:
             self.close_connection = True
             with contextlib.suppress(OSError):

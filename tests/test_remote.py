@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +86,19 @@ def test_url_yields_what_the_local_set_yields(served, kw):
         got_a, got_b = everything(a), everything(b)
         assert len(got_b) == len(b)
         assert same(got_a, got_b)
+
+
+@pytest.mark.parametrize("codec", ["png", "raw"])
+def test_every_codec_reads_the_same_over_http(codec, tmp_path):
+    """The reader takes views into a streamed block, not bytes (the raw codec's header check included)."""
+    local = make_shard_set(tmp_path, f"fx-{codec}", codec=codec, formats=("wds",))
+    with serve_folder(tmp_path) as server:
+        for batch_size in (4, None):
+            kw = dict(batch_size=batch_size, seed=1, epoch=3, rank=0, world_size=1)
+            want = [(k, i.clone()) for i, _, k in cxrshards.open_shards(local, "train", format="wds", **kw)]
+            got = [(k, i.clone()) for i, _, k in cxrshards.open_shards(f"{server.url}/{local.name}", "train", **kw)]
+            assert len(got) == len(want) > 0
+            assert all(kg == kw_ and torch.equal(ig, iw) for (kg, ig), (kw_, iw) in zip(got, want))
 
 
 def test_url_through_loader_workers_and_one_get_per_tar(served):
@@ -182,20 +196,27 @@ def test_a_served_tar_longer_or_shorter_than_its_card_says_is_one_line(served, t
     changed = tmp_path / "changed"
     shutil.copytree(local, changed)
     tar = changed / "train-000002.tar"
-    size = tar.stat().st_size
+    rel, whole, size = f"/changed/{tar.name}", tar.read_bytes(), tar.stat().st_size
     with serve_folder(tmp_path) as other:
         set_url = f"{other.url}/changed"
-        tar.write_bytes(tar.read_bytes() + bytes(512))     # still a valid tar: only its size tells
-        with pytest.raises(CxrError) as err:
-            everything(cxrshards.open_shards(set_url, "train", **kw))
-        assert str(err.value) == f"{set_url}/{tar.name}: longer than the {size:,} bytes the card gives for it; " \
-                                 f"the file changed after the card was written, or the set is damaged"
-        tar.write_bytes((local / tar.name).read_bytes()[:size - 512])
-        with pytest.raises(CxrError) as err:
-            everything(cxrshards.open_shards(set_url, "train", **kw))
-        msg = str(err.value)
-        assert "\n" not in msg and msg.startswith(f"{set_url}/{tar.name}: OSError: got {size - 512:,} of the ")
-        assert f"shorter than the {size:,} bytes the card gives for it" in msg and "3 tries" in msg
+        longer = f"{set_url}/{tar.name}: longer than the {size:,} bytes the card gives for it; " \
+                 f"the file changed after the card was written, or the set is damaged"
+        shorter = f"{set_url}/{tar.name}: shorter than the {size:,} bytes the card gives for it (the server has " \
+                  f"{size - 512:,}); the file changed after the card was written, or the set is damaged"
+        for say_total in (True, False):   # the size from the answer's Content-Range, or from its Content-Length
+            other.say_total = say_total
+            for content, message in ((whole + bytes(512), longer), (whole[:size - 512], shorter)):
+                tar.write_bytes(content)                 # still a valid tar: only its size tells
+                gets = other.gets[rel]
+                with pytest.raises(CxrError) as err:
+                    everything(cxrshards.open_shards(set_url, "train", **kw))
+                assert str(err.value) == message and other.gets[rel] - gets == 1    # at once, never asked again
+        other.say_total = True
+        tar.write_bytes(whole + bytes(512))              # Content-Range tells at the first of several blocks
+        with remote.RemoteFile(f"{set_url}/{tar.name}", size=size, block=1000) as f:
+            with pytest.raises(CxrError) as err:
+                f.read(10)
+        assert str(err.value) == longer
 
         card = json.loads((changed / "dataset.json").read_text())
         card["files"][0]["bytes"] = "10"
@@ -387,7 +408,7 @@ def s3_env(seaweed, monkeypatch):
     fsspec.filesystem("s3").clear_instance_cache()
 
 
-def test_s3_push_read_and_pull(served, s3_env, tmp_path):
+def test_s3_push_read_and_pull(served, s3_env, tmp_path, monkeypatch):
     local, _, _ = served
     import fsspec
 
@@ -406,6 +427,21 @@ def test_s3_push_read_and_pull(served, s3_env, tmp_path):
     assert same(everything(c), everything(cxrshards.open_shards(local, "valid", format="wds", batch_size=4)))
     report = remote.pull_shards(url, tmp_path / "pulled")
     assert report.ok and report.samples == {"train": 23, "valid": 7, "test": 5}
+
+    tar = sorted(local.glob("train-*.tar"))[1]
+    want, starts = tar.read_bytes(), []
+
+    def counted(fs, path, start, end):
+        starts.append(start)
+        return remote._s3_range(fs, path, start, end)
+    monkeypatch.setitem(remote._STREAMED, "s3", counted)
+    with remote.RemoteFile(f"{url}/{tar.name}", size=len(want), block=1000) as f:   # streamed, block by block
+        assert f.read() == want
+    assert starts == list(range(0, len(want), 1000))
+    with pytest.raises(CxrError) as err:                                # S3's ContentRange gives the size
+        remote.RemoteFile(f"{url}/{tar.name}", size=len(want) - 512).read(10)
+    assert str(err.value) == f"{url}/{tar.name}: longer than the {len(want) - 512:,} bytes the card gives for it; " \
+                             f"the file changed after the card was written, or the set is damaged"
     with pytest.raises(CxrError, match=r"s3://.*/nope is not a shard set"):
         cxrshards.open_shards(f"s3://{bucket}/nope", "train")
 
@@ -575,6 +611,59 @@ def test_blocks_read_ahead_one_get_each_and_partial_blocks_are_fetched_again(ser
     server.drop_after["/fx/train-000002.tar"] = 300   # the body of one block stops short: fetched again
     assert same(everything(cxrshards.open_shards(local, "train", format="wds", **kw)),
                 everything(cxrshards.open_shards(url, "train", **kw)))
+
+
+def test_a_block_is_read_as_it_arrives_and_a_cut_body_resumes_where_it_stopped(served):
+    local, url, server = served
+    tar = sorted(local.glob("train-*.tar"))[0]
+    rel, want = f"/fx/{tar.name}", tar.read_bytes()
+    release = threading.Event()
+    server.hold_after[rel] = (3000, release)          # the server sends 3000 bytes, then waits
+    try:
+        with remote.RemoteFile(f"{url}/{tar.name}", size=len(want)) as f:
+            assert f.read(2000) == want[:2000]
+            assert server.holding                     # read while the rest of the body was still to come
+            release.set()
+            assert f.read() == want[2000:]
+    finally:
+        release.set()
+
+    server.ranges.clear()
+    server.drop_after[rel] = [1000, 1500]             # two bodies cut short: each retry asks only for the rest
+    with remote.RemoteFile(f"{url}/{tar.name}", size=len(want)) as f:
+        assert f.read() == want
+    end = len(want)                                   # the last block asks one byte past the size
+    assert [r for p, r in server.ranges if p == rel] == [f"bytes=0-{end}", f"bytes=1000-{end}", f"bytes=2500-{end}"]
+
+    server.drop_after[rel] = [700, 700, 700]          # cut every time: the retries run out
+    with pytest.raises(CxrError) as err:
+        with remote.RemoteFile(f"{url}/{tar.name}", size=len(want)) as f:
+            f.read()
+    msg = str(err.value)
+    assert msg.startswith(f"{url}/{tar.name}: OSError: got 2,100 of the {len(want):,} bytes asked for at byte 0 (")
+    assert "\n" not in msg and msg.endswith("(gave up after 3 tries)")
+
+
+def test_a_synchronous_filesystem_fills_blocks_with_cat_file(served):
+    """fsspec's memory filesystem has no event loop: each block is one cat_file, in the reader's thread."""
+    import fsspec
+
+    local, url, server = served
+    tar = sorted(local.glob("train-*.tar"))[1]
+    want = tar.read_bytes()
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file(f"/cxr-sync-test/{tar.name}", want)
+    try:
+        with remote.RemoteFile(f"memory://cxr-sync-test/{tar.name}", block=1000) as f:
+            assert not f._async and f._next is None
+            got = b"".join(iter(lambda: f.read(777), b""))
+            f.seek(10)
+            assert f.read(5) == want[10:15]
+        assert got == want
+        with pytest.raises(CxrError, match=r"^memory://cxr-sync-test/nope.tar: not found"):
+            remote.RemoteFile("memory://cxr-sync-test/nope.tar", size=10).read(1)
+    finally:
+        memory.rm("/cxr-sync-test", recursive=True)
 
 
 _FORK_READ = """
