@@ -14,6 +14,7 @@ heart and how many true positives have more than half of it there.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -48,10 +49,10 @@ def measure(workdir: Path, images: int = IMAGES, size: int = SIZE, epochs: int =
         shards = build_shards(BuildConfig(source="cardiomegaly", raw=raw, size=size, format="hdf5",
                                           out=base / "shards", workers=1, quiet=True),
                               ManifestOptions(source="cardiomegaly", seed=0)).path
+    shutil.rmtree(run, ignore_errors=True)    # trained here and now: the figures are this code's, not a stale model's
     started = time.perf_counter()
-    if not (run / "best.pt").is_file():
-        fit(TrainConfig(shards=(str(shards),), out=str(run), model="resnet18", epochs=epochs, lr=2e-3,
-                        batch_size=32, scheduler="cosine", workers=0, device="cpu", seed=0, quiet=True))
+    fit(TrainConfig(shards=(str(shards),), out=str(run), model="resnet18", epochs=epochs, lr=2e-3,
+                    batch_size=32, scheduler="cosine", workers=0, device="cpu", seed=0, quiet=True))
     train_s = time.perf_counter() - started
     model = load_for_inference(run / "best.pt")
     table = pd.read_parquet(shards / "manifest.parquet")

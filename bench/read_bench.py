@@ -29,7 +29,7 @@ TARGETS = {"jpeg": 40, "raw": 100, "hdf5": 100}
 READERS = (("wds", "png"), ("wds", "jpeg"), ("wds", "raw"), ("hdf5", "png"))
 REMOTE_CODECS = ("raw", "jpeg")  # wds sets read over HTTP against the same set on disk
 REMOTE_TARGET = 0.5              # goal: the HTTP rate is at least half the disk rate
-REMOTE_ROUNDS = 3                # interleaved disk/HTTP rounds; the better round of each side is reported
+REMOTE_ROUNDS = 5                # interleaved disk/HTTP rounds; the better round of each side is reported
 SCALING_IMAGES = (500, 2000)  # shard sets of growing size for the loader-memory check (256 px phantoms)
 # glibc raises its mmap threshold after large frees, so freed batch buffers then stay on the heap and RSS
 # drifts by tens of MiB run to run; a fixed threshold shows the reader's own memory.
