@@ -428,7 +428,7 @@ class RemoteFile:
                 self._take(block, await self._fs._cat_file(self._path, start=start, end=end))
                 return
             async with self._ranged(self._fs, self._path, start, end) as body:
-                self._judge_overrun(block, lambda: self._check(body, block, start))
+                self._check(body, block, start)
                 async for chunk in body.chunks:
                     self._take(block, chunk)
         except Exception as exc:  # noqa: BLE001 - judged by the reader's retries, like a failed GET
@@ -439,33 +439,35 @@ class RemoteFile:
 
     def _check(self, body: _Body, block: _Block, start: int) -> None:
         """Refuse an answer that says the file has another size than the card's, before its body arrives."""
-        has, asked_end = body.total, block.start + block.ask
-        if has is None and body.length is not None and start + body.length < asked_end:
-            has = start + body.length              # the body stops before the end asked for: the file ends there
+        if not body.partial and start > 0:
+            raise RemoteError(f"{self.url}: the server answered a range request with the whole file; it must "
+                              f"answer range requests")
+        has = body.total
+        if has is None and body.length is not None:
+            if not body.partial:                   # a 200 from byte 0: the body is the whole file
+                has = body.length
+            elif start + body.length < block.start + block.ask:
+                has = start + body.length          # the body stops before the end asked for: the file ends there
         if has is not None and has != self._size:
             if has > self._size:
                 raise self._longer()
             raise RemoteError(f"{self.url}: shorter than the {self._size:,} bytes {self._size_from} (the server "
                               f"has {has:,}); the file changed after the card was written, or the set is damaged")
         if body.length is not None and start + body.length > block.start + block.size:
-            raise _Overrun(start - block.start + body.length)
-        if not body.partial and start > 0:
-            raise RemoteError(f"{self.url}: the server answered a range request with the whole file; it must "
-                              f"answer range requests")
+            raise self._overrun(block, start - block.start + body.length)
 
     def _take(self, block: _Block, chunk) -> None:
-        self._judge_overrun(block, lambda: block.take(chunk))
-
-    def _judge_overrun(self, block: _Block, action: Callable[[], None]) -> None:
-        """`action()`; more bytes than the block's range is a RemoteError: a longer file or a server that
-        ignores ranges."""
         try:
-            action()
+            block.take(chunk)
         except _Overrun as over:
-            if block.start + block.size == self._size:
-                raise self._longer() from None
-            raise RemoteError(f"{self.url}: the server sent {over.got:,} bytes for a range of {block.size:,}; it "
-                              f"must answer range requests") from None
+            raise self._overrun(block, over.got) from None
+
+    def _overrun(self, block: _Block, got: int) -> RemoteError:
+        """`got` bytes for the block's range: a file longer than its size, or a server ignoring ranges."""
+        if block.start + block.size == self._size:
+            return self._longer()
+        return RemoteError(f"{self.url}: the server sent {got:,} bytes for a range of {block.size:,}; it must "
+                           f"answer range requests")
 
     def _longer(self) -> RemoteError:
         return RemoteError(f"{self.url}: longer than the {self._size:,} bytes {self._size_from}; the file "

@@ -2,11 +2,13 @@
 
 Serves GET (with single `Range: bytes=A-B` requests, as fsspec's HTTP files send them) and HEAD, counts the
 GETs and the HEADs per path, records each GET's Range header (`ranges`), and can be told to misbehave:
-`fail_next[path] = n` answers the next n GETs of that path with 500; `drop_after[path] = n` sends the headers
-and only n bytes of the next GET's body, then closes the connection (a list: one such GET per entry);
-`hold_after[path] = (n, event)` sends n bytes of the next GET's body, then waits until the event is set or
-10 s pass (`holding` is True from that GET's start until then); `say_total = False` answers ranges with `Content-Range: bytes A-B/*` (a server
-that does not say the file's size).
+- `fail_next[path] = n` answers the next n GETs of that path with 500;
+- `drop_after[path] = n` sends the headers and only n bytes of the next GET's body, then closes the
+  connection (a list: one such GET per entry);
+- `hold_after[path] = (n, event)` sends n bytes of the next GET's body, then waits until the event is set
+  or 10 s pass (`holding` is True from that GET's start until then);
+- `say_total = False` answers ranges with `Content-Range: bytes A-B/*` (not saying the file's size);
+- `ignore_ranges = True` answers every GET with 200 and the whole file.
 
 A body goes out in writes of up to `WRITE_CHUNK` (4 MiB). Measured on a 15 MiB range (bench/read_bench.py's
 raw tar, reader pinned to one core): 1 MiB writes cost this server ~40% more CPU per range and the reader
@@ -41,6 +43,7 @@ class FolderServer(ThreadingHTTPServer):
         self.ranges: list[tuple[str, str]] = []
         self.holding = False
         self.say_total = True
+        self.ignore_ranges = False
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -108,7 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         size = path.stat().st_size
         start, end = 0, size - 1
-        match = _RANGE.match(self.headers.get("Range", ""))
+        match = _RANGE.match("" if self.server.ignore_ranges else self.headers.get("Range", ""))
         if match and (match.group(1) or match.group(2)):
             if match.group(1):
                 start = int(match.group(1))

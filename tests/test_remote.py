@@ -644,6 +644,28 @@ def test_a_block_is_read_as_it_arrives_and_a_cut_body_resumes_where_it_stopped(s
     assert "\n" not in msg and msg.endswith("(gave up after 3 tries)")
 
 
+def test_a_server_that_ignores_ranges_is_one_line_unless_the_whole_file_is_what_was_asked(served):
+    local, url, server = served
+    tar = sorted(local.glob("train-*.tar"))[2]
+    rel, want = f"/fx/{tar.name}", tar.read_bytes()
+    server.ignore_ranges = True
+    try:
+        with remote.RemoteFile(f"{url}/{tar.name}", size=len(want)) as f:      # one block from byte 0: fine
+            assert f.read() == want
+        with pytest.raises(CxrError) as err:                                   # the first of several blocks
+            remote.RemoteFile(f"{url}/{tar.name}", size=len(want), block=1000).read(10)
+        assert str(err.value) == f"{url}/{tar.name}: the server sent {len(want):,} bytes for a range of 1,000; " \
+                                 f"it must answer range requests"
+        server.drop_after[rel] = 300                                           # a resume from byte 300
+        with pytest.raises(CxrError) as err:
+            remote.RemoteFile(f"{url}/{tar.name}", size=len(want)).read()
+        assert str(err.value) == f"{url}/{tar.name}: the server answered a range request with the whole file; " \
+                                 f"it must answer range requests"
+    finally:
+        server.ignore_ranges = False
+        server.drop_after.pop(rel, None)
+
+
 def test_a_synchronous_filesystem_fills_blocks_with_cat_file(served):
     """fsspec's memory filesystem has no event loop: each block is one cat_file, in the reader's thread."""
     import fsspec
