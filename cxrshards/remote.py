@@ -373,7 +373,8 @@ class RemoteFile:
     Reads inside the part of a block that has arrived are slices of its buffer (`read_view`: no copy).
 
     Read-ahead: on an async filesystem the next block's GET is queued as the reader moves into a block and
-    goes out when the current block's body is complete (one transfer at a time; at most two blocks held).
+    goes out when the current block's body is complete (one transfer at a time; at most two blocks held); if
+    that body ended short, it waits until the reader gets there.
 
     `size` is the file's size in bytes (the card's); without it the size is asked first (one HEAD or its
     protocol's equivalent). A GET whose answer says the file has another size (Content-Range), or whose body
@@ -423,6 +424,9 @@ class RemoteFile:
         try:
             if after is not None and after.future is not None:
                 await asyncio.wait([asyncio.wrap_future(after.future)])   # one transfer at a time
+                if after.got < after.size:      # the block before ended short: no GET until the reader gets here
+                    block.judged = True
+                    return
             start, end = block.start + block.got, block.start + block.ask
             if self._ranged is None:
                 self._take(block, await self._fs._cat_file(self._path, start=start, end=end))

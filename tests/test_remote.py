@@ -652,15 +652,23 @@ def test_a_server_that_ignores_ranges_is_one_line_unless_the_whole_file_is_what_
     try:
         with remote.RemoteFile(f"{url}/{tar.name}", size=len(want)) as f:      # one block from byte 0: fine
             assert f.read() == want
+        gets = server.gets[rel]
         with pytest.raises(CxrError) as err:                                   # the first of several blocks
-            remote.RemoteFile(f"{url}/{tar.name}", size=len(want), block=1000).read(10)
+            f = remote.RemoteFile(f"{url}/{tar.name}", size=len(want), block=1000)
+            f.read(10)
         assert str(err.value) == f"{url}/{tar.name}: the server sent {len(want):,} bytes for a range of 1,000; " \
                                  f"it must answer range requests"
+        time.sleep(0.5)
+        assert server.gets[rel] - gets == 1      # the read-ahead queued behind the refused block never went out
+        f.close()
+        gets = server.gets[rel]
         server.drop_after[rel] = 300                                           # a resume from byte 300
         with pytest.raises(CxrError) as err:
-            remote.RemoteFile(f"{url}/{tar.name}", size=len(want)).read()
+            with remote.RemoteFile(f"{url}/{tar.name}", size=len(want)) as f:
+                f.read()
         assert str(err.value) == f"{url}/{tar.name}: the server answered a range request with the whole file; " \
                                  f"it must answer range requests"
+        assert server.gets[rel] - gets == 2      # the cut GET and its resume
     finally:
         server.ignore_ranges = False
         server.drop_after.pop(rel, None)
