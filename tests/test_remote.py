@@ -95,10 +95,9 @@ def test_every_codec_reads_the_same_over_http(codec, tmp_path):
     with serve_folder(tmp_path) as server:
         for batch_size in (4, None):
             kw = dict(batch_size=batch_size, seed=1, epoch=3, rank=0, world_size=1)
-            want = [(k, i.clone()) for i, _, k in cxrshards.open_shards(local, "train", format="wds", **kw)]
-            got = [(k, i.clone()) for i, _, k in cxrshards.open_shards(f"{server.url}/{local.name}", "train", **kw)]
-            assert len(got) == len(want) > 0
-            assert all(kg == kw_ and torch.equal(ig, iw) for (kg, ig), (kw_, iw) in zip(got, want))
+            want = everything(cxrshards.open_shards(local, "train", format="wds", **kw))
+            assert len(want) > 0 and same(everything(cxrshards.open_shards(f"{server.url}/{local.name}", "train", **kw)),
+                                          want)
 
 
 def test_url_through_loader_workers_and_one_get_per_tar(served):
@@ -408,14 +407,19 @@ def s3_env(seaweed, monkeypatch):
     fsspec.filesystem("s3").clear_instance_cache()
 
 
-def test_s3_push_read_and_pull(served, s3_env, tmp_path, monkeypatch):
-    local, _, _ = served
+def new_bucket(protocol: str, tmp_path: Path):
+    """(filesystem, a new bucket named after the test, the URL of a set folder in it) on an object store."""
     import fsspec
 
-    fs = fsspec.filesystem("s3")
+    fs = fsspec.filesystem(protocol)
     bucket = f"cxr-{tmp_path.name.lower().replace('_', '-')[-20:]}"
     fs.mkdir(bucket)
-    url = f"s3://{bucket}/sets/fx"
+    return fs, bucket, f"{protocol}://{bucket}/sets/fx"
+
+
+def test_s3_push_read_and_pull(served, s3_env, tmp_path, monkeypatch):
+    local, _, _ = served
+    fs, bucket, url = new_bucket("s3", tmp_path)
     remote.push_shards(local, url)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url)) == sorted(p.name for p in local.iterdir())
     for kw in (dict(batch_size=4, rank=0, world_size=1), dict(batch_size=3, rank=1, world_size=2)):
@@ -468,9 +472,7 @@ class GcsEmulator:
 def gcs_emulator(tmp_path_factory):
     pytest.importorskip("gcp_storage_emulator", reason="pip install gcp-storage-emulator (in the test extra)")
     data = tmp_path_factory.mktemp("gcs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     emulator = GcsEmulator(f"http://127.0.0.1:{port}", data / "emulator.log")
     cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
            "--in-memory"]
@@ -502,12 +504,7 @@ def gs_env(gcs_emulator, monkeypatch):
 
 def test_gs_push_read_and_pull(served, gs_env, tmp_path, cli):
     local, _, _ = served
-    import fsspec
-
-    fs = fsspec.filesystem("gs")
-    bucket = f"cxr-{tmp_path.name.lower().replace('_', '-')[-20:]}"
-    fs.mkdir(bucket)
-    url = f"gs://{bucket}/sets/fx"
+    fs, bucket, url = new_bucket("gs", tmp_path)
     done = cli("shard", "push", str(local), url)
     assert done.exit_code == 0, done.output
     stored = {p.rsplit("/", 1)[-1]: info for p, info in fs.find(url, detail=True).items()}
