@@ -78,15 +78,15 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="module")
-def real_pngs(shared_data: Path) -> list[Path]:
-    files = sorted((shared_data / "real").glob("nih-*/*.png"))
+def real_pngs(real_data: Path) -> list[Path]:
+    files = sorted((real_data / "real").glob("nih-*/*.png"))
     assert len(files) == 5
     return files
 
 
 @pytest.fixture(scope="module")
-def real_jpegs(shared_data: Path) -> list[Path]:
-    files = sorted((shared_data / "real" / "kermany").glob("*/*.jpeg"))
+def real_jpegs(real_data: Path) -> list[Path]:
+    files = sorted((real_data / "real" / "kermany").glob("*/*.jpeg"))
     assert len(files) == 12
     return files
 
@@ -209,8 +209,8 @@ def test_reduction_factor_rules():
 
 
 @pytest.fixture(scope="module")
-def gray512(shared_data: Path) -> np.ndarray:
-    return pil_gray(shared_data / "real" / "nih-512" / "00000001_000.png")
+def gray512(real_data: Path) -> np.ndarray:
+    return pil_gray(real_data / "real" / "nih-512" / "00000001_000.png")
 
 
 def test_rgb_and_rgba_png_become_luma(tmp_path, gray512):

@@ -254,14 +254,14 @@ def test_missing_tar_member_is_an_error(sets, tmp_path):
     assert json.loads((copy / "dataset.json").read_text())["codec"] == "raw"
 
 
-def test_reads_a_set_made_by_the_real_builder(tmp_path, shared_data):
+def test_reads_a_set_made_by_the_real_builder(tmp_path, phantom_kermany):
     import h5py
     import pandas as pd
 
     from cxrshards.build import BuildConfig, build_shards
     from manifests.options import ManifestOptions
 
-    config = BuildConfig(source="folder", raw=shared_data / "real" / "kermany", out=tmp_path, name="k", size=32,
+    config = BuildConfig(source="folder", raw=phantom_kermany, out=tmp_path, name="k", size=32,
                          codec="jpeg", shard_size=2, workers=1, quiet=True)
     shard_dir = build_shards(config, ManifestOptions(source="folder", label="Pneumonia",
                                                      patient_pattern=r"(person\d+)_")).path

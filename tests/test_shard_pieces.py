@@ -40,8 +40,8 @@ def test_pieces_keep_every_slot_busy_largest_first(tmp_path):
             assert max(len(i) for _, i in mine) - min(len(i) for _, i in mine) <= 1
 
 
-def test_bytes_do_not_depend_on_how_shards_are_cut_into_pieces(tmp_path, shared_data, monkeypatch):
-    raw = shared_data / "real" / "kermany"
+def test_bytes_do_not_depend_on_how_shards_are_cut_into_pieces(tmp_path, phantom_kermany, monkeypatch):
+    raw = phantom_kermany
     hashes = []
     for name, per_slot, most in (("whole", 1, 10_000), ("single", 10_000, 1), ("default", 8, 256)):
         monkeypatch.setattr(build_module, "PIECES_PER_SLOT", per_slot)
