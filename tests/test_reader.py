@@ -93,13 +93,16 @@ def test_order_is_a_pure_function_of_seed_and_epoch(sets, fmt):
 
 @pytest.mark.parametrize("fmt", ["wds", "hdf5"])
 @pytest.mark.parametrize("n", [23, 16, 9, 3])
-def test_two_ranks_two_workers_cover_each_sample_once_with_equal_batches(sets, fmt, n):
+@pytest.mark.parametrize("seed, epoch", [(7, 2), (0, 0), (2024, 5)])
+def test_two_ranks_two_workers_cover_each_sample_once_with_equal_batches(sets, fmt, n, seed, epoch):
+    """Every (seed, epoch) gives its own shard order, shuffle and cut between ranks and workers: each must
+    still cover every selected sample exactly once, in equal batch counts per rank."""
     all_keys = _stored_keys(sets["png"], "train")
     keys = all_keys[:n]
     seen, batches_per_rank = Counter(), []
     for rank in range(2):
         stream = cxrshards.open_shards(sets["png"], "train", format=fmt, keys=keys, batch_size=4, rank=rank,
-                                       world_size=2, seed=7, epoch=2, shuffle_buffer=4)
+                                       world_size=2, seed=seed, epoch=epoch, shuffle_buffer=4)
         batches = list(DataLoader(stream, batch_size=None, num_workers=2))
         assert len(batches) == len(stream)
         batches_per_rank.append(len(batches))
