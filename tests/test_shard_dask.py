@@ -1,6 +1,7 @@
 """`--scheduler`: the same per-shard tasks on a Dask cluster give byte-identical shard sets."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,13 @@ from manifests.options import ManifestOptions
 from tests.test_shard_support import check_set, file_hashes
 
 distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(autouse=True)
+def _dask_info_logs_off(caplog):
+    """Dask logs its routine start and shutdown at INFO, a client's closed connection with a traceback
+    (CommClosedError): normal, not an error of the build, and no traceback in a passing test's output."""
+    caplog.set_level(logging.WARNING, logger="distributed")
 
 
 @pytest.mark.slow
