@@ -135,7 +135,8 @@ def eval_command(
 
     With --shards naming another shard set than the run's own: an external evaluation, in RUN/eval/NAME/,
     with the internal vs external table."""
-    from trainer.evaluate import EvalError, evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
+    from trainer.metrics import EvalError
 
     if split not in ("train", "valid", "test"):
         raise EvalError(f"--split {split!r}: expected test, valid or train")

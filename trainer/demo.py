@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     from cxrshards.sheet import contact_sheet
     from manifests.options import ManifestOptions
     from trainer.config import TrainConfig
-    from trainer.evaluate import evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
     from trainer.fitting import fit
 
     cfg = config or DemoConfig(**overrides)

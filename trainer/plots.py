@@ -11,7 +11,7 @@ import numpy as np
 from manifests.atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -46,7 +46,7 @@ def plot_curves(
     """
     if kind not in ("roc", "pr"):
         raise ValueError(f"kind must be 'roc' or 'pr', not {kind!r}")
-    plt = _pyplot()
+    plt = pyplot()
     y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
     y_prob = np.asarray(y_prob, dtype=np.float64).reshape(len(y_prob), -1)
     key = "auroc" if kind == "roc" else "auprc"
@@ -101,5 +101,5 @@ def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(final) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return final
