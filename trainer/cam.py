@@ -129,14 +129,16 @@ def write_gallery(loaded, sets, split: str, shared: Sequence[str], df, labels: S
     from trainer.plots import pyplot
 
     y, p = frame_arrays(df, labels)
-    picks = [pick for pick in gallery_picks(y, p, labels, thresholds, n_labels, per_kind)]
-    if not any(rows for _, _, rows, _ in picks):
+    picks = gallery_picks(y, p, labels, thresholds, n_labels, per_kind)
+    if not picks:
         return None
     keys = (df["set"].astype(str) + mix.SEP + df["key"].astype(str)).tolist()
     wanted = sorted({keys[r] for _, _, rows, _ in picks for r in rows})
     having = [s for s in sets if any(k.startswith(s.name + mix.SEP) for k in wanted)]
-    stream = mix.open_mix(having, split, list(shared), shuffle=False, keys=wanted, rank=0, world_size=1)
-    pixels = {key: img[0].numpy() for img, _, key in stream}
+    pixels = {}
+    if having:
+        stream = mix.open_mix(having, split, list(shared), shuffle=False, keys=wanted, rank=0, world_size=1)
+        pixels = {key: img[0].numpy() for img, _, key in stream}
     inf = loaded.inference
     plt = pyplot()
     fig, axes = plt.subplots(len(picks), per_kind, figsize=(2.4 * per_kind, 2.7 * len(picks)), squeeze=False)

@@ -2,7 +2,7 @@
 
 An image goes through exactly what a shard sample went through when the run's shard set was built
 (gray, fit, size, codec round-trip: `cxrshards.pixels.preprocess` with the parameters of the run's
-card.json), then exactly the normalisation the trainer applies before the model
+cards/NAME.json: the first set), then exactly the normalisation the trainer applies before the model
 (`trainer.augment.augment_batch` without augmentation, the checkpoint's mean/std).
 
 The run/checkpoint lookup is `trainer.runs` (shared with the evaluation), whose errors say what to run first;

@@ -358,7 +358,7 @@ def write_outputs(report: dict, out_dir: Path, y: np.ndarray, p: np.ndarray, lab
     plot_curves("roc", y, p, labels, report["metrics"], out_dir / "roc.png", title=title)
     plot_curves("pr", y, p, labels, report["metrics"], out_dir / "pr.png", title=title)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    files = ["report.json", "report.md", "predictions.parquet", "roc.png", "pr.png"]
+    files = ["report.json", "report.md", "report.html", "predictions.parquet", "roc.png", "pr.png"]
     files += [f for f, made in (("valid_predictions.parquet", report.get("valid") is not None),
                                 ("internal_predictions.parquet", ((report.get("external") or {}).get("internal") or {})
                                  .get("metrics") is not None),
