@@ -11,13 +11,17 @@ import numpy as np
 from manifests.atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display; imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_pyplot = pyplot   # the name trainer.watch imports
 
 
 def _curve(kind: str, y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
