@@ -80,7 +80,7 @@ def test_rows_restrict_to_a_group_and_the_interval_is_deterministic(table, tmp_p
     result = calibration_metrics(table, LABELS, rows=rows, n_boot=50, seed=9)
     known = table[rows & table["Edema"].notna().to_numpy()]
     assert result["per_label"]["Edema"]["brier"]["value"] == pytest.approx(
-        brier_score_loss(known["Edema"], known["prob_Edema"]), abs=1e-12)
+        brier_score_loss(known["Edema"].to_numpy(np.float64), known["prob_Edema"].to_numpy(np.float64)), abs=1e-12)
     assert json.dumps(result, allow_nan=False) == json.dumps(
         calibration_metrics(table, LABELS, rows=rows, n_boot=50, seed=9), allow_nan=False)
     path = plot_calibration(result, tmp_path / "calibration.png")
