@@ -184,6 +184,9 @@ def test_planted_gap_one_sexs_noisier_labels_give_a_lower_auroc_with_a_separate_
     female, male = group(result, "sex", "F")["macro_auroc"], group(result, "sex", "M")["macro_auroc"]
     assert female["value"] < male["value"] - 0.05
     assert female["high"] < male["low"]
+    for label in ("Effusion", "Edema"):
+        f, m = group(result, "sex", "F")["per_label"][label], group(result, "sex", "M")["per_label"][label]
+        assert f["high"] < m["low"], label
     diff = group(result, "sex", "F")["vs_rest"]["macro_auroc"]
     assert diff["difference"] < 0 and diff["high"] < 0
     clean = subgroup_metrics(predictions(n_patients=2500, seed=11, labels=["Effusion", "Edema"]),
