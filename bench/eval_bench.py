@@ -6,11 +6,15 @@ resamples, calibration per group included. Issue 20's goal: under 30 s on 2 core
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 N_IMAGES = 100_000
 N_BOOT = 200

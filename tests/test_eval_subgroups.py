@@ -124,6 +124,12 @@ def test_weighted_auroc_with_integer_weights_equals_sklearn_on_repeated_rows():
     for r in range(4):
         rows = np.repeat(np.arange(n), weights[:, r].astype(int))
         assert got[r] == pytest.approx(roc_auc_score(y[rows], scores[rows]), abs=1e-12)
+    patient = rng.integers(0, 50, n)                                   # a patient table: row i weighs table[patient[i]]
+    table = rng.integers(0, 3, size=(50, 4)).astype(np.float32)
+    by_patient = weighted_auroc(scores, y, table, index=patient)
+    assert by_patient == pytest.approx(weighted_auroc(scores, y, table[patient]), abs=1e-12)
+    rows = np.repeat(np.arange(n), table[patient, 2].astype(int))
+    assert by_patient[2] == pytest.approx(roc_auc_score(y[rows], scores[rows]), abs=1e-12)
     groups = rng.integers(0, 3, n)
     within, rest, positives, negatives, whole = group_aurocs(scores, y, weights, groups, 3)
     assert whole == pytest.approx(got, abs=1e-12)

@@ -11,10 +11,12 @@ Rules:
   resamples. Counts stay below 2**24, so float32 sums of them are exact.
 - Additive statistics (counts, sums of probabilities, of labels, of squared errors) go through a sparse
   patient matrix: `resampled_sums(resamples, rows, values)` = per patient sums, times the weights.
-- AUROC with weights (`weighted_auroc`, `group_aurocs`): one sort of the negatives per label; for each
-  positive, the negative weight below its score plus half the weight tied with it (two binary searches
-  into the cumulative negative weights); U = sum of positive weight times that. With integer weights it
-  equals roc_auc_score on the rows repeated that many times (ties counted half).
+- AUROC with weights (`weighted_auroc`, `group_aurocs`): the negatives sorted once per label; for each
+  positive, the negative weight below its score plus half the weight tied with it. Two binary searches
+  place every positive among the negatives; the negatives between consecutive places are summed by one
+  sparse product with the patients' weights (no per-image weight matrix), then cumulated. U = sum of
+  positive weight times that. With integer weights it equals roc_auc_score on the rows repeated that
+  many times (ties counted half).
 - The interval is the percentile interval of the resamples where the statistic is defined (`estimate`).
 """
 from __future__ import annotations
@@ -44,10 +46,6 @@ class Resamples:
     @property
     def n_patients(self) -> int:
         return self.weights.shape[0]
-
-    def image_weights(self, rows: np.ndarray) -> np.ndarray:
-        """float32 [len(rows), 1 + n_boot]: each image's weight (its patient's count) in every column."""
-        return self.weights[self.patient[rows]]
 
     @cached_property
     def weights64(self) -> np.ndarray:
@@ -122,18 +120,27 @@ def estimate(values: np.ndarray, level: float = CI_LEVEL) -> dict:
 # --- AUROC with weights ------------------------------------------------------------------------------
 
 
-def _below(neg_scores: np.ndarray, neg_w: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """float32 [len(scores), R]: negative weight strictly below each score plus half the weight tied with it.
+def _below(neg_scores: np.ndarray, neg_index: np.ndarray, table: np.ndarray, scores: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [len(scores), R]: negative weight strictly below each score plus half the weight tied with it;
+    float32 [R]: the negatives' total weight).
 
-    `neg_scores` ascending, `neg_w` [n_neg, R] their weights in that order."""
-    cumulative = np.zeros((len(neg_scores) + 1, neg_w.shape[1]), dtype=np.float32)
-    np.cumsum(neg_w, axis=0, out=cumulative[1:])
+    `neg_scores` ascending; negative j weighs `table[neg_index[j]]` ([R]). Only the cumulative weight at the
+    2 * len(scores) boundaries (negatives below, negatives up to each score) is needed: the negatives
+    between two boundaries are summed by one sparse product with `table`, then cumulated."""
+    from scipy.sparse import csr_matrix
+
     lo = np.searchsorted(neg_scores, scores, side="left")
     hi = np.searchsorted(neg_scores, scores, side="right")
-    out = cumulative[lo]
-    out += cumulative[hi]
+    bounds = np.unique(np.concatenate([lo, hi]))
+    segment = np.searchsorted(bounds, np.arange(len(neg_scores)), side="right")   # boundaries <= j
+    member = csr_matrix((np.ones(len(neg_scores), dtype=np.float32), (segment, neg_index)),
+                        shape=(len(bounds) + 1, table.shape[0]))
+    cumulative = np.cumsum(member @ table, axis=0, dtype=np.float32)   # row k: weight below bounds[k]
+    out = cumulative[np.searchsorted(bounds, lo)]
+    out += cumulative[np.searchsorted(bounds, hi)]
     out *= np.float32(0.5)
-    return out
+    return out, cumulative[-1]
 
 
 def _ratio(u: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
@@ -141,34 +148,30 @@ def _ratio(u: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
         return np.where((pos > 0) & (neg > 0), u / np.where((pos > 0) & (neg > 0), pos * neg, 1.0), np.nan)
 
 
-def weighted_auroc(scores: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """[R] AUROC of `scores` against `y` (0/1) for each weight column of `w` [n, R] (NaN where a class has no
-    weight). Ties count half, as in roc_auc_score."""
-    scores, y = np.asarray(scores), np.asarray(y)
-    w = np.asarray(w, dtype=np.float32).reshape(len(scores), -1)
-    neg = np.flatnonzero(y == 0)
-    neg = neg[np.argsort(scores[neg], kind="stable")]
-    pos = np.flatnonzero(y == 1)
-    below = _below(scores[neg], w[neg], scores[pos])
-    u = np.einsum("nr,nr->r", w[pos], below, dtype=np.float64)
-    return _ratio(u, w[pos].sum(axis=0, dtype=np.float64), w[neg].sum(axis=0, dtype=np.float64))
+def weighted_auroc(scores: np.ndarray, y: np.ndarray, w: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """[R] AUROC of `scores` against `y` (0/1), each row weighted by `w` [n, R] (or, with `index`, by
+    `w[index[i]]`: a patient table); NaN where a class has no weight. Ties count half, as in roc_auc_score."""
+    n = len(scores)
+    return group_aurocs(scores, y, w, np.zeros(n, dtype=np.int64), 1, index)[4]
 
 
-def group_aurocs(scores: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.ndarray, n_groups: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def group_aurocs(scores: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.ndarray, n_groups: int,
+                 index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(AUROC within each group [R, G], AUROC of the rest of the rows [R, G], positives [G], negatives [G],
     AUROC of all the rows [R]).
 
-    `group` holds 0..G-1 per row (rows outside every group are not passed); `w` [n, R]. With U[h, k] the
-    weighted count of (positive in h, negative in k) pairs in order, the group's AUROC is U[g, g] over its
-    own weights, and the rest's is the sum of U[h, k] over h, k != g over the rest's weights.
+    `group` holds 0..G-1 per row (rows outside every group are not passed). Row i weighs `w[i]` ([n, R]),
+    or `w[index[i]]` when `index` is given (w = the patients' weights, index = each row's patient). With
+    U[h, k] the weighted count of (positive in h, negative in k) pairs in order, the group's AUROC is
+    U[g, g] over its own weights, and the rest's is the sum of U[h, k] over h, k != g over the rest's.
     """
     scores, y, group = np.asarray(scores), np.asarray(y), np.asarray(group)
-    w = np.asarray(w, dtype=np.float32).reshape(len(scores), -1)
-    n_weights = w.shape[1]
+    table = np.asarray(w, dtype=np.float32).reshape(len(w), -1)
+    index = np.arange(len(scores)) if index is None else np.asarray(index, dtype=np.int64)
+    n_weights = table.shape[1]
     pos = np.flatnonzero(y == 1)
     pos = pos[np.argsort(group[pos], kind="stable")]
-    pos_w = w[pos]
+    pos_w = table[index[pos]]
     pos_group = group[pos]
     bounds = np.searchsorted(pos_group, np.arange(n_groups + 1))             # positives of h: bounds[h]:bounds[h+1]
 
@@ -185,9 +188,7 @@ def group_aurocs(scores: np.ndarray, y: np.ndarray, w: np.ndarray, group: np.nda
         neg = neg_all[group[neg_all] == k]
         if not neg.size:
             continue
-        neg_w = w[neg]
-        neg_weight[:, k] = neg_w.sum(axis=0, dtype=np.float64)
-        contribution = _below(scores[neg], neg_w, scores[pos])
+        contribution, neg_weight[:, k] = _below(scores[neg], index[neg], table, scores[pos])
         contribution *= pos_w
         pairs[:, :, k] = per_group(contribution)
     positives = np.bincount(pos_group, minlength=n_groups)

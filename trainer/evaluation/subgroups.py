@@ -125,7 +125,8 @@ def _label_aurocs(predictions: pd.DataFrame, labels: list[str], codes: np.ndarra
         y = predictions[name].to_numpy(dtype=np.float64)
         p = predictions[PROB_PREFIX + name].to_numpy()
         rows = np.flatnonzero(~np.isnan(y) & (codes >= 0))
-        out[name] = group_aurocs(p[rows], y[rows], resamples.image_weights(rows), codes[rows], n_groups)
+        out[name] = group_aurocs(p[rows], y[rows], resamples.weights, codes[rows], n_groups,
+                                 index=resamples.patient[rows])
     return out
 
 
@@ -142,7 +143,8 @@ def _overall(predictions: pd.DataFrame, labels: list[str], resamples: Resamples,
             continue
         whole = next((aurocs[column][name][4] for column, (codes, _) in codes_by.items() if (codes[rows] >= 0).all()),
                      None)
-        values.append(whole if whole is not None else weighted_auroc(p[rows], y[rows], resamples.image_weights(rows)))
+        values.append(whole if whole is not None else weighted_auroc(p[rows], y[rows], resamples.weights,
+                                                                     index=resamples.patient[rows]))
         used.append(name)
     if not values:
         return {"images": int(len(predictions)), "macro_auroc": None, "labels": []}
