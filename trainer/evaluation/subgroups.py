@@ -355,8 +355,8 @@ def plot_subgroups(result: dict, path: str | Path, title: str = "") -> Path:
     axes[-1, 0].set_xlabel("macro AUROC (patient-bootstrap 95% CI)", fontsize=8)
     lows = [g["macro_auroc"]["low"] for c in columns for g in c["groups"] if g["macro_auroc"]["low"] is not None]
     highs = [g["macro_auroc"]["high"] for c in columns for g in c["groups"] if g["macro_auroc"]["high"] is not None]
-    left = min([*lows, overall.get("value") or 1.0, 0.9]) - 0.02
-    right = max([*highs, overall.get("value") or 0.5, 0.6]) + 0.02
+    ends = [*lows, *highs] + ([overall["value"]] if overall.get("value") is not None else [])
+    left, right = (min(ends) - 0.02, max(ends) + 0.02) if ends else (0.5, 1.0)
     for ax in axes[:, 0]:
         ax.set_xlim(max(0.0, left), min(1.0, right))
     fig.suptitle(title or "Macro AUROC per subgroup (dashed: all images)", fontsize=10)
