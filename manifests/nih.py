@@ -65,8 +65,7 @@ def build_nih(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.Dat
         "view": entries["View Position"] if "View Position" in entries else no_value,
     })
     table["split"], rejects = _splits(raw, path, table, names, options)
-    demographics = _demographics(entries, path)
-    table["sex"], table["age"] = demographics.pop("sex"), demographics.pop("age")
+    table["sex"], table["age"], demographics = _demographics(entries, path)
     keep = table["split"].notna().to_numpy()
     if options.views:
         keep = _select_views(table, keep, options.views, path, rejects)
@@ -74,17 +73,15 @@ def build_nih(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.Dat
     return pd.concat([table, labels], axis=1)[keep], concat_rejects(rejects), meta
 
 
-def _demographics(entries: pd.DataFrame, path: Path) -> dict:
-    """{"sex", "age" per row, and the meta entry (columns read, ages above 120 made missing)}."""
+def _demographics(entries: pd.DataFrame, path: Path) -> tuple[pd.Series, pd.Series, dict]:
+    """(sex per row, age per row, the meta entry: the columns read and the ages above 120 made missing)."""
     sex_column = next((c for c in SEX_COLUMNS if c in entries), None)
+    age_column = AGE_COLUMN if AGE_COLUMN in entries else None
     where = lambda position: f"line {line_of(position)}"  # noqa: E731
-    out = missing_demographics(len(entries), entries.index)
-    above = 0
-    if sex_column is not None:
-        out["sex"] = parse_sex(entries[sex_column], path, sex_column, where)
-    if AGE_COLUMN in entries:
-        out["age"], above = parse_age(entries[AGE_COLUMN], path, AGE_COLUMN, where)
-    return {**out, **demographics_meta(sex_column, AGE_COLUMN if AGE_COLUMN in entries else None, above)}
+    missing = missing_demographics(len(entries), entries.index)
+    sex = parse_sex(entries[sex_column], path, sex_column, where) if sex_column else missing["sex"]
+    age, above = parse_age(entries[age_column], path, age_column, where) if age_column else (missing["age"], 0)
+    return sex, age, demographics_meta(sex_column, age_column, above)
 
 
 def _select_views(table: pd.DataFrame, keep: np.ndarray, views: tuple[str, ...], path: Path,
