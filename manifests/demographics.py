@@ -6,7 +6,7 @@
   string (Value Representation AS: three digits and a unit, "045Y", "006M", "010W", "003D") becomes
   years (months / 12, weeks * 7 / 365.25, days / 365.25); blank and Unknown are missing. Anything else
   (a negative number, "abc") is bad.
-- An age above `MAX_AGE` (120) years is missing and counted: the NIH table holds ages such as 412,
+- An age above `MAX_AGE` (120) years is missing and counted: the 2017 NIH table holds ages such as 412,
   typing slips of the real age. `ages_above_max` is how many such cells a table had.
 - Tables (NIH, CheXpert, `--source table`) stop at a bad cell with a ManifestError naming the file, the
   line (or row index), the column and the value (`parse_sex` / `parse_age` with the caller's `where`).
