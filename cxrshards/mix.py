@@ -204,8 +204,9 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def combined_table(sets: Sequence[MixSet], labels: RunLabels):
-    """The sets' manifest rows as one table: `set`, `key` as NAME/KEY, `patient_id` as NAME/ID, split, view and
-    the run's labels under `labels.names` (NaN where a set lacks one). For the per-label cap, pos_weight and the --views filter."""
+    """The sets' manifest rows as one table: `set`, `key` as NAME/KEY, `patient_id` as NAME/ID, split, view, sex,
+    age (missing in sets built before them) and the run's labels under `labels.names` (NaN where a set lacks
+    one). For the per-label cap, pos_weight and the --views filter."""
     import pandas as pd
 
     from manifests.table import read_manifest
@@ -215,7 +216,8 @@ def combined_table(sets: Sequence[MixSet], labels: RunLabels):
         table = read_manifest(s.shard_dir / "manifest.parquet").table
         part = pd.DataFrame({"set": s.name, "key": s.name + SEP + table["key"].astype(str),
                              "patient_id": s.name + SEP + table["patient_id"].astype(str),
-                             "split": table["split"], "view": table["view"]})
+                             "split": table["split"], "view": table["view"], "sex": table["sex"],
+                             "age": table["age"]})
         for name, col in zip(labels.names, label_columns(s, labels.shared).tolist()):
             part[name] = table[s.labels[col]].astype(np.float32) if col >= 0 else np.float32(np.nan)
         parts.append(part)

@@ -12,12 +12,16 @@ from manifests.atomic import atomic_path
 
 
 def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display; imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_pyplot = pyplot   # the name trainer.watch imports
 
 
 def _curve(kind: str, y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
