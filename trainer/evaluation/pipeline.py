@@ -38,7 +38,7 @@ from manifests import __version__
 from manifests.errors import CxrError
 from trainer.checkpoint import card_sha256, sets_sha256, trained_card_shas
 from trainer.evaluation.calibration import calibration_metrics, plot_calibration
-from trainer.evaluation.demographics import join_demographics
+from trainer.evaluation.demographics import join_demographics, read_demographics
 from trainer.evaluation.matching import LabelMatch, comparison_rows, match_labels, run_shared_labels
 from trainer.evaluation.report import comparable_macro, references_for, write_report
 from trainer.evaluation.score import CONTEXT_COLUMNS, manifest_context, score, select_keys
@@ -88,6 +88,8 @@ def evaluate_run(
     (`evaluation.subgroups`, a label needs `min_group` positives and negatives in a group)."""
     log = log or (lambda _msg: None)
     started = time.perf_counter()
+    if demographics is not None:
+        read_demographics(demographics, demographics_key)   # a bad table is an error before any prediction
     loaded = load_run(run_dir, ckpt, device)
     inf, ckpt_state = loaded.inference, loaded.inference.checkpoint
     remote = {"cache": cache if cache is not None else inf.config.get("cache"), "cache_gb": inf.config.get("cache_gb")}
