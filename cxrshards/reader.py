@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from cxrshards import plan as planning
 from cxrshards import remote
+from cxrshards.workers import dist_rank, worker_info
 from cxrshards.paths import shards_root
 from manifests.errors import CxrError
 
@@ -249,25 +250,6 @@ def _key_bytes(keys: Iterable[str]) -> np.ndarray:
     return np.array([str(k).encode("utf-8") for k in keys], dtype="S")
 
 
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def _dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None and world_size is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-    if rank is None or world_size is None:
-        raise CxrError("pass both rank and world_size, or neither (then torch.distributed decides)")
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise CxrError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-    return rank, world_size
-
-
 # --------------------------------------------------------------------------------------------------
 # Streaming
 
@@ -427,7 +409,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator:
         from cxrshards import pixels
 
-        worker, num_workers = _worker()
+        worker, num_workers = worker_info()
         wp = self.rank_plan().worker(worker, num_workers)
         if self.format == "hdf5":
             return self._iter_h5(wp)
@@ -437,10 +419,17 @@ class ShardStream(IterableDataset):
             records = _shuffle_buffer(records, self.shuffle_buffer, rng)
         return self._emit_wds(records, wp.sizes, _Decoder(pixels.decode, self.size))
 
+    def iter_records(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Iterator[tuple[int, Any, str]]:
+        """(row, encoded image, codec) for each of `rows` of a tar split, for readers that make their own
+        batches (`cxrshards.mix`): each tar read once in the order given, then through the shuffle buffer when
+        `rng` is given (so rows may come out in another order, each exactly once)."""
+        records = self._wds_records(rows)
+        if rng is not None and self.shuffle_buffer > 1:
+            records = _shuffle_buffer(records, self.shuffle_buffer, rng)
+        return records
+
     def iter_images(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(row, uint8 S x S image) for each of `rows`, for readers that make their own batches
-        (`cxrshards.mix`). hdf5: in the order given. wds: each tar read once in the order given, then through
-        the shuffle buffer when `rng` is given (so rows may come out in another order, each exactly once)."""
+        """(row, uint8 S x S image) for each of `rows` (hdf5: in the order given; wds: as `iter_records`)."""
         from cxrshards import pixels
 
         if self.format == "hdf5":
@@ -453,12 +442,21 @@ class ShardStream(IterableDataset):
             finally:
                 h5.close()
             return
-        records = self._wds_records(rows)
-        if rng is not None and self.shuffle_buffer > 1:
-            records = _shuffle_buffer(records, self.shuffle_buffer, rng)
         decode = _Decoder(pixels.decode, self.size)
-        for row, data, codec in records:
+        for row, data, codec in self.iter_records(rows, rng):
             yield row, self._decode(decode, data, codec, row)
+
+    def encoded_tensor(self, row: int, data, codec: str) -> torch.Tensor:
+        """A JPEG member as a 1-D uint8 tensor for `EncodedJpegBatch` (--decode gpu); CxrError for another codec."""
+        if codec != "jpeg":
+            raise CxrError(f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()} is {codec}, "
+                           f"not JPEG: --decode gpu reads JPEG tars only")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    @property
+    def where(self) -> str:
+        """The set's URL or folder, for messages."""
+        return str(self._tars.url if self._tars else self.shard_dir)
 
     def _wds_records(self, rows: np.ndarray) -> Iterator[tuple[int, bytes, str]]:
         """(row, encoded image, codec) for `rows`, in tar order, reading each tar once and sequentially."""
@@ -536,14 +534,9 @@ class ShardStream(IterableDataset):
             if len(batch) != b:
                 raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
             rows = np.array([row for row, _, _ in batch], dtype=np.int64)
-            for row, _, codec in batch:
-                if codec != "jpeg":
-                    raise CxrError(f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()} is {codec}, "
-                                   f"not JPEG: --decode gpu reads JPEG tars only")
+            data = [self.encoded_tensor(row, d, codec) for row, d, codec in batch]
             images, labels, keys = self._collate(None, rows)
-            data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d, _ in batch]
-            yield EncodedJpegBatch(data, self.size, keys, f"{self._tars.url if self._tars else self.shard_dir}"), \
-                labels, keys
+            yield EncodedJpegBatch(data, self.size, keys, self.where), labels, keys
 
     def _collate(self, images: torch.Tensor, rows: np.ndarray):
         return (images, torch.from_numpy(self._label_values[rows]),
@@ -626,7 +619,7 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
         raise CxrError(f"--decode gpu reads JPEG tars in batches; {shard_dir} gives {format} "
                        f"{card.get('codec')} shards{'' if batch_size else ' without a batch size'}: rebuild with "
                        f"`cxr shard build ... --codec jpeg` or use --decode cpu")
-    rank, world_size = _dist_rank(rank, world_size)
+    rank, world_size = dist_rank(rank, world_size)
     return ShardStream(shard_dir, split, format, card, seed=seed, epoch=epoch,
                        shuffle=(split == "train") if shuffle is None else shuffle, keys=keys,
                        batch_size=batch_size, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,

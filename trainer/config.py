@@ -87,7 +87,7 @@ class TrainConfig:
     log_every: float = 30.0                 # seconds between progress lines when output is not a terminal
 
     # --- run folder
-    out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, card.json
+    out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, cards/NAME.json
     resume: str | None = None               # None | "last" (OUT/last.pt) | path to a checkpoint
 
     def __post_init__(self) -> None:
