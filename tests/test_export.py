@@ -187,7 +187,8 @@ def test_model_json_says_what_a_deployment_needs(runs):
     assert again["thresholds"]["source"] == "valid"
     assert again["thresholds"]["per_label"] == report["thresholds"]["per_label"]
     assert list(again["files"]) == ["model.onnx"]
-    last = export_run(run, root / "exports" / "last", ckpt="last", fmt="torchscript")   # another checkpoint
+    last = export_run(run, root / "exports" / "evaluated", ckpt="last", fmt="torchscript")   # another checkpoint
+    assert sorted(p.name for p in (root / "exports" / "evaluated").iterdir()) == ["README.md", "model.json", "model.ts"]
     assert last["checkpoint"]["sha256"] != again["checkpoint"]["sha256"]
     assert last["thresholds"]["per_label"] is None and "another checkpoint" in last["thresholds"]["note"]
 

@@ -12,7 +12,8 @@ The contract (docs/DESIGN.md, "Exported models"; read back by `trainer.runtime`)
   the run's shard set (gray rules, fit, size, codec round trip, mean, std), the Youden thresholds of the
   run's valid split when RUN/eval/report.json evaluated this very checkpoint (else none, saying why), the
   input and output, the opset, library versions, the checkpoint's sha256 and each model file's sha256.
-- Files are written atomically; model.json last, so a folder with a model.json is complete.
+- Files are written atomically; model.json last, so a folder with a model.json is complete. A model file
+  of the format not exported this time (left by an earlier export into DIR) is removed.
 """
 from __future__ import annotations
 
@@ -201,8 +202,7 @@ def export_run(run: str | Path, out: str | Path, ckpt: str | Path = "best", fmt:
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, size, size], "dynamic": ["N"],
                   "layout": "NCHW, one gray channel, normalised as preprocessing.normalize says"},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", n_out],
-                   "activation": "softmax[:, 1:] (inside the graph)" if inf.head == "softmax"
-                   else "sigmoid (inside the graph)",
+                   "activation": "softmax[:, 1:]" if inf.head == "softmax" else "sigmoid", "inside_graph": True,
                    "columns": labels},
         "files": written,
         "opset": written.get(ONNX_FILE, {}).get("opset"),
@@ -210,6 +210,8 @@ def export_run(run: str | Path, out: str | Path, ckpt: str | Path = "best", fmt:
                    "max_abs_diff": parity},
         "versions": _versions(files),
     }
+    for stale in set(FORMATS["both"]) - set(files):   # an earlier export's other file: model.json no longer vouches for it
+        (out / stale).unlink(missing_ok=True)
     write_bytes_atomic(out / "README.md", readme(meta).encode())
     write_bytes_atomic(out / MODEL_JSON, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
@@ -228,7 +230,8 @@ def readme(meta: dict) -> str:
 Files: {files}, model.json (everything below, machine-readable). Written by `cxr export` (cxr {meta['versions']['cxr']}).
 
 - Input `{meta['input']['name']}`: float32 [N, 1, {pre['size']}, {pre['size']}], N any.
-- Output `{meta['output']['name']}`: float32 [N, {meta['output']['shape'][1]}], probabilities ({meta['output']['activation']}) of: {names}.
+- Output `{meta['output']['name']}`: float32 [N, {meta['output']['shape'][1]}], probabilities of: {names}
+  ({meta['output']['activation']}, inside the graph).
 - Preprocessing: gray, fit `{pre['fit']}` to {pre['size']} px, codec round trip `{pre['codec']}`, then
   `(pixels / 255 - {pre['mean']}) / {pre['std']}`. `cxr predict IMAGE --model DIR` does all of it.
 - {threshold_line}
