@@ -208,24 +208,38 @@ def eval_command(
 
 @app.command("predict")
 def predict_command(
-    images: List[Path] = typer.Argument(..., help="PNG/JPG files."),
-    run: str = typer.Option(..., "--run", help="Run folder written by `cxr train --out RUN`."),
-    ckpt: str = typer.Option("best", "--ckpt", help="best | last | PATH of a checkpoint file."),
+    images: List[Path] = typer.Argument(..., help="Image files: PNG, JPEG, DICOM."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run folder written by `cxr train --out RUN` (PyTorch)."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="DIR", show_default=False,
+                                         help="Export folder written by `cxr export --out DIR`: onnxruntime, no "
+                                              "PyTorch (instead of --run)."),
+    ckpt: str = typer.Option("best", "--ckpt", help="--run: best | last | PATH of a checkpoint file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object) instead of a table."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", "--device", help="--run: auto | cpu | cuda."),
     cam: Optional[Path] = typer.Option(None, "--cam", metavar="OUTDIR", show_default=False,
-                                       help="Also write per image OUTDIR/NNN-NAME.png: the image with a Grad-CAM "
-                                            "heatmap per label."),
+                                       help="--run: also write per image OUTDIR/NNN-NAME.png: the image with a "
+                                            "Grad-CAM heatmap per label."),
     labels: str = typer.Option("", "--labels", metavar="A,B", help="--cam: these labels (default: --top)."),
     top: int = typer.Option(3, "--top", help="--cam: the N most probable labels, when --labels is not given."),
 ) -> None:
     """Per-label probabilities for raw images, preprocessed exactly as the run's shard set was built."""
-    from trainer.predict import predict_images
-
+    if (run is None) == (model is None):
+        raise CxrError("pass either --run RUN (the PyTorch checkpoint) or --model DIR (an export of "
+                       "`cxr export`), not both" if run else "pass --run RUN or --model DIR (an export of `cxr export`)")
     wanted = [name.strip() for name in labels.split(",") if name.strip()]
     if wanted and cam is None:
         raise CxrError("--labels chooses the heatmaps of --cam OUTDIR: pass --cam too")
-    result = predict_images(images, run, ckpt, device=device, cam_dir=cam, cam_labels=wanted, cam_top=top)
+    if model is not None:   # onnxruntime: torch is never imported on this path
+        if cam is not None:
+            raise CxrError("--cam needs the run (Grad-CAM differentiates the PyTorch model): pass --run RUN "
+                           "instead of --model")
+        from trainer.runtime import predict_exported
+
+        result = predict_exported(images, model)
+    else:
+        from trainer.predict import predict_images
+
+        result = predict_images(images, run, ckpt, device=device, cam_dir=cam, cam_labels=wanted, cam_top=top)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
