@@ -157,7 +157,7 @@ def test_predict_model_does_not_import_torch(runs):
 
 
 def test_model_json_says_what_a_deployment_needs(runs):
-    from trainer.evaluate import evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
     from trainer.export import export_run
 
     root, shard_dir, by_arch = runs

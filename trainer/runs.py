@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from manifests.errors import CxrError
-from manifests.labelmap import LabelMap, load_label_map
 from trainer.checkpoint import InferenceModel, card_sha256, load_for_inference, trained_card_shas
+
+if TYPE_CHECKING:  # pragma: no cover - the label map loads pandas: `cxr predict --run` does without it
+    from manifests.labelmap import LabelMap
 
 CHECKPOINT_NAMES = {"best": "best.pt", "last": "last.pt"}
 
@@ -111,6 +114,8 @@ def load_run(run: str | Path, ckpt: str | Path = "best", device: str | torch.dev
 
 def label_map_for(checkpoint: dict, override: str | Path | None = None) -> tuple[LabelMap, str]:
     """(map, description): `--label-map FILE` over the built-in table, else the checkpoint's, else built-in."""
+    from manifests.labelmap import LabelMap, load_label_map
+
     if override is not None:
         return load_label_map(override), f"built-in with {override} on top (--label-map)"
     rows = checkpoint.get("label_map")
