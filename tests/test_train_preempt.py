@@ -52,9 +52,28 @@ def config(sets, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def metrics_epochs(run: Path) -> list[int]:
+def metrics_rows(run: Path) -> list[dict]:
     with open(run / "metrics.csv", newline="") as fh:
-        return [int(row["epoch"]) for row in csv.DictReader(fh)]
+        return list(csv.DictReader(fh))
+
+
+def metrics_epochs(run: Path) -> list[int]:
+    return [int(row["epoch"]) for row in metrics_rows(run)]
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    """Each epoch once, with the uninterrupted run's train loss and sample count (the epoch's totals carry
+    over the stop) and validation."""
+    cols = ("epoch", "train_loss", "train_samples", "val_loss", "val_auroc_macro", "lr")
+    assert [[r[c] for c in cols] for r in metrics_rows(a)] == [[r[c] for c in cols] for r in metrics_rows(b)]
+
+
+def tensorboard_steps(run: Path, tag: str = "train/loss_step") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -149,6 +168,8 @@ def test_sigterm_mid_epoch_one_set_resumes_to_the_same_weights(sets, straight, t
     assert f"resuming {run} at epoch 2 step 2/5" in log
     assert_same_weights(straight["one"], run)
     assert metrics_epochs(run) == [1, 2]
+    assert_same_metrics(straight["one"], run)
+    assert tensorboard_steps(run) == list(range(1, 11))
 
 
 def test_sigterm_two_sets_mixed_resumes_to_the_same_weights(sets, straight, tmp_path, monkeypatch, capsys):
@@ -159,6 +180,7 @@ def test_sigterm_two_sets_mixed_resumes_to_the_same_weights(sets, straight, tmp_
     assert any(m.startswith(f"resuming {run} at epoch 1 step 3/") for m in log)
     assert_same_weights(straight["mix"], run)
     assert metrics_epochs(run) == [1]
+    assert_same_metrics(straight["mix"], run)
 
 
 def test_sigterm_with_the_per_label_cap_resumes_to_the_same_weights(sets, straight, tmp_path, monkeypatch, capsys):
@@ -168,6 +190,7 @@ def test_sigterm_with_the_per_label_cap_resumes_to_the_same_weights(sets, straig
     assert any(m.startswith(f"resuming {run} at epoch 1 step 2/") for m in log)
     assert_same_weights(straight["cap"], run)
     assert metrics_epochs(run) == [1]
+    assert_same_metrics(straight["cap"], run)
 
 
 def test_sigterm_with_two_workers_resumes_to_the_same_weights(sets, straight, tmp_path, monkeypatch, capsys):
@@ -178,6 +201,7 @@ def test_sigterm_with_two_workers_resumes_to_the_same_weights(sets, straight, tm
     assert f"resuming {run} at epoch 1 step 3/5" in log
     assert_same_weights(straight["workers"], run)
     assert metrics_epochs(run) == [1]
+    assert_same_metrics(straight["workers"], run)
 
 
 def test_kill_9_after_a_mid_epoch_save_resumes_to_the_same_weights(sets, straight, tmp_path, cli):
@@ -198,6 +222,20 @@ def test_kill_9_after_a_mid_epoch_save_resumes_to_the_same_weights(sets, straigh
     assert f"resuming {run} at epoch 1 step 2/5" in resumed.output
     assert_same_weights(straight["one"], run)
     assert metrics_epochs(run) == [1, 2]
+    assert_same_metrics(straight["one"], run)
+
+
+def test_tensorboard_of_a_resumed_run_has_no_step_twice(tmp_path):
+    """A run killed after logging past its checkpoint: the resumed writer purges from its first step on."""
+    from trainer.watch import TensorBoard
+
+    board = TensorBoard(tmp_path)
+    board.steps([(s, float(s), 0.1) for s in range(6)])        # steps 1..6 logged, checkpoint after step 4
+    board.close()
+    board = TensorBoard(tmp_path, purge_step=5)
+    board.steps([(s, 10.0 + s, 0.1) for s in range(4, 8)])     # steps 5..8 again
+    board.close()
+    assert tensorboard_steps(tmp_path) == list(range(1, 9))
 
 
 def test_two_rank_gloo_run_stopped_by_sigterm_resumes_to_the_same_weights(sets, tmp_path):
