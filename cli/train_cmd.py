@@ -106,9 +106,7 @@ def train(
     main = distributed.env_info().is_main
     try:
         run_dir = fit(cfg, log=(lambda msg: console.print(msg, highlight=False, soft_wrap=True)) if main else None)
-    except Stop as stop:
-        if main:
-            console.print(stop.line, highlight=False, soft_wrap=True)
+    except Stop as stop:   # its line is printed already
         raise typer.Exit(stop.status) from None
     if main:
         _summary(run_dir)

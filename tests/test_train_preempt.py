@@ -239,8 +239,8 @@ def test_tensorboard_of_a_resumed_run_has_no_step_twice(tmp_path):
 
 
 def test_two_rank_gloo_run_stopped_by_sigterm_resumes_to_the_same_weights(sets, tmp_path):
-    """Rank 0 alone gets SIGTERM after step 3; both ranks stop there, and the resumed run's weights (both
-    ranks) are those of an uninterrupted 2-rank run."""
+    """Rank 0 alone gets SIGTERM after step 3; both ranks stop there (their parameters at the stop agree),
+    and the resumed run's weights (both ranks) are those of an uninterrupted 2-rank run."""
     def torchrun(out: Path, hashes: Path, *extra: str, **env_extra: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **{HASH_ENV: str(hashes)}, **env_extra)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
@@ -257,6 +257,8 @@ def test_two_rank_gloo_run_stopped_by_sigterm_resumes_to_the_same_weights(sets, 
     assert f"stopped at epoch 1 step 3/5 by SIGTERM; continue with: cxr train --out {tmp_path / 'run'} --resume" \
         in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["batches_done"] == 3
+    at_stop = [(tmp_path / "h-stopped" / f"rank{rank}.stop.sha256").read_text() for rank in (0, 1)]
+    assert at_stop[0] == at_stop[1]                          # the same parameters: the same step
     resumed = torchrun(tmp_path / "run", tmp_path / "h-resumed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {tmp_path / 'run'} at epoch 1 step 3/5" in resumed.stdout
@@ -280,3 +282,16 @@ def test_resume_with_nothing_to_resume_or_a_finished_run_says_so_in_one_line(set
     assert [ln for ln in done.output.splitlines() if ln.strip()] == [
         f"{straight['workers']} already finished: 1 of 1 epochs done, nothing to resume "
         f"(pass a larger --epochs to train on)"]
+
+
+def test_a_signal_waits_for_the_step_and_a_second_one_ends_the_process_at_once():
+    script = ("import os, signal, sys\n"
+              "from trainer.preempt import Preemption\n"
+              "with Preemption(0) as p:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print(p.poll(1), flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print('still here', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout == f"(True, {int(signal.SIGTERM)})\n" and done.returncode == -signal.SIGTERM, done

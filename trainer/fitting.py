@@ -208,13 +208,15 @@ def _check_resume(state: dict, cfg: TrainConfig, sha: str, labels: list[str], da
                               + "; resume with the run's own options or start a new --out")
 
 
-def _check_position(state: dict, cfg: TrainConfig, info: distributed.DistInfo) -> None:
+def _check_position(state: dict, cfg: TrainConfig, info: distributed.DistInfo, log: Log) -> None:
     """A checkpoint from inside an epoch resumes only where its epoch's plan is the same; a finished run
     has nothing to resume (`Stop`, status 0)."""
     where, done = state["path"], int(state.get("batches_done", 0))
     if not done and int(state["epoch"]) >= cfg.epochs:
-        raise Stop(f"{cfg.out} already finished: {state['epoch']} of {cfg.epochs} epochs done, nothing to resume "
-                   f"(pass a larger --epochs to train on)", 0)
+        line = (f"{cfg.out} already finished: {state['epoch']} of {cfg.epochs} epochs done, nothing to resume "
+                f"(pass a larger --epochs to train on)")
+        log(line)
+        raise Stop(line, 0)
     if done and int(state.get("world_size", 1)) != info.world_size:
         raise CheckpointError(f"{where} stopped inside epoch {int(state['epoch']) + 1} with "
                               f"{state.get('world_size', 1)} rank(s): resume it with as many ranks (this run has "
@@ -249,13 +251,26 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, labels: list[str], task: s
     log(f"init: {src['path']} ({'whole model' if keep_head else 'backbone; new head for ' + ', '.join(labels)})")
 
 
-def state_sha256(model: nn.Module) -> str:
-    """sha256 over the names and bytes of every tensor of the model's state dict."""
+def state_sha256(model: nn.Module, buffers: bool = True) -> str:
+    """sha256 over the names and bytes of every tensor of the model's state dict (`buffers=False`: of its
+    parameters only)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _write_state_hash(model: nn.Module, rank: int, stopped: bool = False) -> None:
+    """The STATE_HASH_ENV hook: this rank's weights' sha256 in DIR/rankR.sha256 at the end; at a stop inside
+    an epoch its parameters' in DIR/rankR.stop.sha256 (BatchNorm statistics differ between ranks until the
+    epoch's end averages them)."""
+    hash_dir = os.environ.get(STATE_HASH_ENV)
+    if hash_dir:
+        Path(hash_dir).mkdir(parents=True, exist_ok=True)
+        name = f"rank{rank}.stop.sha256" if stopped else f"rank{rank}.sha256"
+        (Path(hash_dir) / name).write_text(state_sha256(model, buffers=not stopped) + "\n")
 
 
 def epoch_keys(cfg: TrainConfig, table, labels: list[str], epoch: int) -> list[str]:
@@ -367,7 +382,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                                   f"without --resume" if cfg.resume == "last" else f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
         _check_resume(state, cfg, sha, labels, data)
-        _check_position(state, cfg, info)
+        _check_position(state, cfg, info, log)
     elif (run_dir / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it or pick another --out")
 
@@ -476,6 +491,14 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                            loss_sum=float(done["loss_sum"]), batches=skip)
 
     preempt = Preemption(cfg.save_every, is_main=info.is_main)
+
+    def stopping(epoch: int, batches_done: int, batches: int, signum: int) -> Stop:
+        """last.pt is written: say so, and let no rank leave before rank 0 has (torchrun ends the others)."""
+        line = stop_line(epoch, batches_done, batches, signum, str(run_dir))
+        log(line)
+        _write_state_hash(model, info.rank, stopped=True)
+        distributed.barrier()
+        return Stop(line, exit_status(signum))
     try:
         preempt.start()
         for epoch in range(start_epoch, cfg.epochs):
@@ -495,7 +518,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                 if info.is_main:
                     save_checkpoint(run_dir / "last.pt", checkpoint(epoch, step, skip, batches, carry or EpochStats(
                         float("nan"), 0, 0, 0.0, 0.0, float("nan"))))
-                raise Stop(stop_line(epoch, skip, batches, signum, str(run_dir)), exit_status(signum))
+                raise stopping(epoch, skip, batches, signum)
 
             def after_step(batches_done: int, steps: int, snapshot, epoch=epoch, batches=batches) -> bool:
                 save, signum = preempt.poll(step + steps)
@@ -519,8 +542,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
             step += stats.steps
             skip, carry = 0, None
             if stats.batches < batches:
-                raise Stop(stop_line(epoch, stats.batches, batches, preempt.signum, str(run_dir)),
-                           exit_status(preempt.signum))
+                raise stopping(epoch, stats.batches, batches, preempt.signum)
             distributed.average_buffers(model)
             val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,
                            precision=cfg.precision, channels_last=cfg.channels_last,
@@ -553,10 +575,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                 log(f"early stop: no better val macro AUROC{' of ' + cfg.select_on if cfg.select_on else ''} for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
                 break
         distributed.barrier()
-        hash_dir = os.environ.get(STATE_HASH_ENV)
-        if hash_dir:
-            Path(hash_dir).mkdir(parents=True, exist_ok=True)
-            (Path(hash_dir) / f"rank{info.rank}.sha256").write_text(state_sha256(model) + "\n")
+        _write_state_hash(model, info.rank)
     finally:
         preempt.close()
         progress.end_epoch(None)

@@ -1,7 +1,8 @@
 """Stopping a run on a signal, and saving it inside an epoch, so that `--resume` continues at the next batch.
 
 The rules:
-- SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 only set a flag (the first signal is the one reported): the step
+- SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 only set a flag (the first signal is the one reported; a second
+  one gets the signal's default action at once, e.g. Ctrl-C twice, or a rank hung in a collective): the step
   in progress finishes, last.pt is written with its place in the epoch, one line is printed
   (`stop_line`), and the run ends with exit status 128 + the signal's number (the shell's convention for a
   process ended by that signal: SIGTERM 143, SIGINT 130, SIGUSR1 138 on Linux).
@@ -32,7 +33,7 @@ KILL_AT_STEP_ENV = "CXR_TEST_KILL_AT_STEP"
 
 
 class Stop(Exception):
-    """The run ends early on purpose: print `line`, exit with `status` (raised by `trainer.fit`)."""
+    """The run ends early on purpose (raised by `trainer.fit`, which has logged `line`): exit with `status`."""
 
     def __init__(self, line: str, status: int) -> None:
         super().__init__(line)
@@ -75,8 +76,11 @@ class Preemption:
         self._kill_at = _hook(KILL_AT_STEP_ENV) if is_main else None
 
     def _on_signal(self, signum: int, _frame) -> None:
-        if not self.signum:
-            self.signum = signum
+        if self.signum:   # a second signal: the default action now (e.g. Ctrl-C twice, or a rank hung in a collective)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
 
     def start(self) -> "Preemption":
         """Set the handlers (main thread only) and, under torchrun, the group the ranks agree on."""
