@@ -30,6 +30,7 @@ READERS = (("wds", "png"), ("wds", "jpeg"), ("wds", "raw"), ("hdf5", "png"))
 REMOTE_CODECS = ("raw", "jpeg")  # wds sets read over HTTP against the same set on disk
 REMOTE_TARGET = 0.5              # goal: the HTTP rate is at least half the disk rate
 REMOTE_ROUNDS = 5                # interleaved disk/HTTP rounds; the better round of each side is reported
+MIX_ROUNDS = 3                   # interleaved open_shards / mix-of-one rounds
 SCALING_IMAGES = (500, 2000)  # shard sets of growing size for the loader-memory check (256 px phantoms)
 # glibc raises its mmap threshold after large frees, so freed batch buffers then stay on the heap and RSS
 # drifts by tens of MiB run to run; a fixed threshold shows the reader's own memory.
@@ -76,6 +77,52 @@ def measure_shards(shard_dir: str, fmt: str) -> dict:
     seconds = time.perf_counter() - started
     return {"samples_per_s": samples / seconds, "samples": n, "epochs": epochs,
             "peak_rss_mib": peak, "rss_before_mib": rss_before}
+
+
+def measure_mix_of_one(shard_dir: str, fmt: str) -> dict:
+    """`measure_shards` through the training read path: the set as a mix of one (`cxrshards.mix.open_mix`)."""
+    _one_core()
+    from cxrshards import mix
+    from manifests.labelmap import load_label_map
+
+    sets = mix.resolve_sets([shard_dir], None, load_label_map())
+    stream = mix.open_mix(sets, "train", mix.run_labels(sets).shared, format=fmt, batch_size=BATCH, seed=0)
+    n = sum(len(keys) for _, _, keys in stream)
+    samples, epochs, started = 0, 0, time.perf_counter()
+    while time.perf_counter() - started < MIN_SECONDS:
+        epochs += 1
+        stream.set_epoch(epochs)
+        for images, labels, keys in stream:
+            samples += images.shape[0]
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": samples / seconds, "samples": n, "epochs": epochs}
+
+
+def mix_rows(dirs: dict[str, Path], rounds: int = MIX_ROUNDS) -> list[str]:
+    """Markdown rows: one set read as a mix of one (what `cxr train` reads) against `open_shards` of the same
+    set (what release 0.1 trained on), in interleaved rounds; the better round of each side."""
+    rows = []
+    for fmt, codec in (("wds", "raw"), ("wds", "jpeg"), ("hdf5", "png")):
+        if codec not in dirs or (fmt == "hdf5" and not (dirs[codec] / "train.h5").exists()):
+            continue
+        alone, mixed = [], []
+        for _ in range(rounds):
+            alone.append(_in_child("shards", str(dirs[codec]), fmt)["samples_per_s"])
+            mixed.append(_in_child("mix", str(dirs[codec]), fmt)["samples_per_s"])
+        a, m = max(alone), max(mixed)
+        rows.append(f"| {fmt} {codec} | {a:,.0f} | {m:,.0f} | {m / a:.2f} | "
+                    + ", ".join(f"{x / 1000:.1f}k/{y / 1000:.1f}k" for x, y in zip(alone, mixed)) + " |")
+    return rows
+
+
+def mix_section(dirs: dict[str, Path]) -> str:
+    return "\n".join([
+        "", "### One set as a mix of one (the training read path)", "",
+        f"`cxr train` reads every run through `cxrshards.mix.open_mix`, one set as a mix of one; release 0.1 read a "
+        f"one-set run through `open_shards`. Same set, same settings as above, {MIX_ROUNDS} interleaved rounds per "
+        f"reader, each in its own child pinned to one core; the better round of each side.", "",
+        "| shard set | open_shards samples/s | mix of one samples/s | mix / open_shards | rounds (open_shards/mix) |",
+        "|---|---:|---:|---:|---|", *mix_rows(dirs)])
 
 
 def measure_seed_loader(paths: list[str]) -> dict:
@@ -285,7 +332,7 @@ def run(workdir: Path, shard_dir_by_codec: dict | None = None) -> str:
               "HDF5 holds one batch at a time. The tar reader also holds its shuffle buffer of encoded samples "
               "(at most `shuffle_buffer`=1000, about 50 MiB at 224 px raw): it fills with the whole split while "
               "the split is smaller than that, and stays bounded beyond. Throughput here is lower than above "
-              "because every buffer is a fresh mmap.", "", remote_section(dirs)]
+              "because every buffer is a fresh mmap.", mix_section(dirs), "", remote_section(dirs)]
     return "\n".join(lines) + "\n"
 
 
@@ -294,17 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
     parser.add_argument("--images", type=int, default=IMAGES, help="phantom images to build from")
     parser.add_argument("--remote-only", action="store_true", help="only the HTTP-against-disk section")
+    parser.add_argument("--mix-only", action="store_true", help="only the mix-of-one against open_shards section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        fn = {"seed": measure_seed_loader, "shards": measure_shards, "phantom": make_phantom,
-              "build": build_sets}[args.child]
+        fn = {"seed": measure_seed_loader, "shards": measure_shards, "mix": measure_mix_of_one,
+              "phantom": make_phantom, "build": build_sets}[args.child]
         print(json.dumps(fn(*json.loads(args.args))))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.remote_only:
         print(remote_section(build_inputs(args.workdir.resolve(), args.images)))
+        return 0
+    if args.mix_only:
+        print(mix_section(build_inputs(args.workdir.resolve(), args.images)))
         return 0
     print(run(args.workdir.resolve(), build_inputs(args.workdir.resolve(), args.images)))
     return 0

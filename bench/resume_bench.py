@@ -6,8 +6,9 @@ the epoch is resumed at 90% (`set_start`), against the same at the epoch's start
 keys and tars, small in bytes) and times, in this process (torch already imported, files in the page
 cache): open the split (manifest read), plan the epoch, `set_start(S)`, DataLoader iterator, first batch of
 64, through a shuffle buffer of 1000, for one `ShardStream` and for the same set as a `MixedStream` of one,
-with 0 and 2 loader workers; then the whole trainer from `fit(--resume)` to its first batch. The skip is in the plan: a resume reads the ~1000 samples its shuffle buffer
-held and the next tar, never the 70 000 before. Standalone: `python bench/resume_bench.py [--workdir DIR]`.
+with 0 and 2 loader workers; then the whole trainer from `fit(--resume)` to its first batch. The skip is
+in the plan: a resume reads the ~1000 samples its shuffle buffer held and the next tar, never the 70 000
+before. Standalone: `python bench/resume_bench.py [--workdir DIR]`.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def first_batch(shard_dir: Path, kind: str, workers: int, fraction: float) -> tu
         stream = cxrshards.open_shards(shard_dir, "train", **common)
     else:
         sets = mix.resolve_sets([shard_dir], None, load_label_map())
-        stream = mix.open_mix(sets, "train", mix.union_labels(sets), **common)
+        stream = mix.open_mix(sets, "train", mix.run_labels(sets).shared, **common)
     batches = len(stream)
     start = int(fraction * batches)
     stream.set_start(start)

@@ -64,8 +64,8 @@ def print_report(report: dict, title: str | None = None) -> None:
         console.print(f"reference: {r['name']}: macro AUROC {r['macro_auroc']:.3f}; ours on "
                       f"{r.get('ours_labels_used', 0)} of its labels {_f(r.get('ours_macro_auroc'))}{note}")
     eval_dir = Path(report["files"]["report.json"]).parent
-    console.print(f"wrote {eval_dir}/: report.md, report.json, predictions.parquet, roc.png, pr.png"
-                  + (", gallery.png" if report.get("gallery") else ""))
+    console.print(f"wrote {eval_dir}/: " + ", ".join(Path(f).name for f in report["files"].values()))
+    console.print(f"open in a browser (self-contained, works offline): [bold]{report['files']['report.html']}[/]")
 
 
 def external_table(report: dict) -> Table:
@@ -131,11 +131,13 @@ def eval_command(
     gallery: bool = typer.Option(True, "--gallery/--no-gallery", help="Also draw gallery.png: the highest-scored true and false positives of the labels with the most positives, with Grad-CAM heatmaps."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress while predicting."),
 ) -> None:
-    """Evaluate a run: report.json, report.md, predictions.parquet, roc.png, pr.png, gallery.png in RUN/eval/.
+    """Evaluate a run: report.html (one self-contained page), report.json, report.md, predictions.parquet, roc.png,
+    pr.png, gallery.png in RUN/eval/.
 
     With --shards naming another shard set than the run's own: an external evaluation, in RUN/eval/NAME/,
     with the internal vs external table."""
-    from trainer.evaluate import EvalError, evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
+    from trainer.metrics import EvalError
 
     if split not in ("train", "valid", "test"):
         raise EvalError(f"--split {split!r}: expected test, valid or train")

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from manifests.build import Manifest
 from cli.options import (
     FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
-    PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
+    PatientPatternOpt, RatiosOpt, RawOpt, RejectsOpt, SeedOpt, SourceOpt, SexColOpt, AgeColOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
     UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_kwargs, manifest_options,
 )
 # manifests.build / manifests.table (pandas) are imported inside the commands: `cxr --help` stays fast.
@@ -52,6 +52,8 @@ def build(
     view_col: ViewColOpt = None,
     split_col: SplitColOpt = None,
     path_format: PathFormatOpt = None,
+    sex_col: SexColOpt = None,
+    age_col: AgeColOpt = None,
     rejects: RejectsOpt = None,
 ) -> None:
     """Select images, labels and a patient-level split from a raw dataset's tables; write a Parquet manifest."""
@@ -66,6 +68,7 @@ def build(
     console.print(f"[bold]wrote {out}[/]: {len(manifest.table):,} images, {len(manifest.labels)} labels",
                   highlight=False, soft_wrap=True)
     _print_counts(manifest)
+    _print_demographics(manifest)
     _print_rejects(manifest, rejects)
     found = manifest.meta.get("images_found")
     nih = manifest.meta["source"] == "nih"     # NIH without any image is a tables-only build: no note
@@ -81,7 +84,7 @@ def build(
 def info(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="A manifest written by `cxr manifest build`.")],
 ) -> None:
-    """Counts, patients and label prevalence per split of a manifest."""
+    """Counts, patients, sex and age, and label prevalence per split of a manifest."""
     from manifests.table import SPLITS, read_manifest, split_summary
 
     manifest = read_manifest(file)
@@ -89,6 +92,7 @@ def info(
     console.print(f"[bold]{file}[/]: source {meta.get('source')}, {len(manifest.table):,} images, "
                   f"{len(manifest.labels)} labels, tool {meta.get('version')}", highlight=False, soft_wrap=True)
     _print_counts(manifest)
+    _print_demographics(manifest)
     summary = split_summary(manifest.table, manifest.labels)
     console.print("label prevalence: positives (share of usable labels)")
     prevalence = Table()
@@ -112,6 +116,34 @@ def _print_counts(manifest: Manifest) -> None:
     for split in SPLITS:
         table.add_row(split, f"{summary[split]['count']:,}", f"{summary[split]['patients']:,}")
     console.print(table)
+
+
+def _print_demographics(manifest: Manifest) -> None:
+    """Sex counts and age summary per split, and where they come from (a manifest written before the
+    columns existed, or a source without them, shows every image as missing)."""
+    from manifests.table import SPLITS, demographics_summary
+
+    summary = demographics_summary(manifest.table)
+    read = manifest.meta.get("demographics") or {}
+    columns = [c for c in (read.get("sex_column"), read.get("age_column")) if c]
+    note = f"read from {', '.join(repr(c) for c in columns)}" if columns else "not recorded by this source"
+    if not read:
+        note = "not recorded (manifest written before sex and age were)"
+    console.print(f"sex and age ({note})", highlight=False, soft_wrap=True)
+    table = Table()
+    for name in ("split", "F", "M", "sex missing", "age min-median-max", "age mean", "age missing"):
+        table.add_column(name, justify="left" if name == "split" else "right")
+    for split in SPLITS:
+        sex, age = summary[split]["sex"], summary[split]["age"]
+        span = "-" if age["known"] == 0 else f"{age['min']:.0f}-{age['median']:.0f}-{age['max']:.0f}"
+        mean = "-" if age["known"] == 0 else f"{age['mean']:.1f}"
+        table.add_row(split, f"{sex['F']:,}", f"{sex['M']:,}", f"{sex['missing']:,}", span, mean,
+                      f"{age['missing']:,}")
+    console.print(table)
+    above = int(read.get("ages_above_max") or 0)
+    if above:
+        console.print(f"[yellow]note:[/] {above:,} ages above {read.get('max_age', 120):g} years in the table "
+                      "were made missing", highlight=False)
 
 
 def _print_rejects(manifest: Manifest, path: Path | None) -> None:

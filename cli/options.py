@@ -107,6 +107,14 @@ SplitColOpt = Annotated[Optional[str], typer.Option(
 PathFormatOpt = Annotated[Optional[str], typer.Option(
     "--path-format", metavar="'images/{}.dcm'", show_default=False,
     help="table: turns the --path-col value into a path relative to --raw ({} is the value).")]
+SexColOpt = Annotated[Optional[str], typer.Option(
+    "--sex-col", metavar="COL", show_default=False,
+    help="table: column holding the sex: F, M, Female, Male (any case); blank, Unknown, U, O, Other are "
+         "missing; anything else is an error.")]
+AgeColOpt = Annotated[Optional[str], typer.Option(
+    "--age-col", metavar="COL", show_default=False,
+    help="table: column holding the age in years (or a DICOM age: 045Y, 006M, 010W, 003D); blank or Unknown "
+         "is missing, above 120 is made missing and counted, anything else is an error.")]
 RejectsOpt = Annotated[Optional[Path], typer.Option(
     "--rejects", metavar="FILE", show_default=False,
     help="Also write every image left out (key, path, reason) to this Parquet file.")]
@@ -134,6 +142,8 @@ def manifest_options(
     view_col: str | None = None,
     split_col: str | None = None,
     path_format: str | None = None,
+    sex_col: str | None = None,
+    age_col: str | None = None,
 ) -> ManifestOptions:
     """The frozen `ManifestOptions` from the CLI's raw option values (ManifestError on a bad value)."""
     return ManifestOptions(
@@ -157,6 +167,8 @@ def manifest_options(
         view_col=view_col,
         split_col=split_col,
         path_format=path_format,
+        sex_col=sex_col,
+        age_col=age_col,
     )
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from cli.app import app, console
 from cli.options import (
     FetchListOpt, LabelColsOpt, LabelOpt, LabelsOpt, NegativeOpt, PathColOpt, PathFormatOpt, PatientColOpt,
-    PatientPatternOpt, RatiosOpt, RawOpt, SeedOpt, SourceOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
+    PatientPatternOpt, RatiosOpt, RawOpt, SeedOpt, SourceOpt, SexColOpt, AgeColOpt, SplitColOpt, SplitOpt, StudyColOpt, TableOpt,
     MANIFEST_DEFAULTS, UncertainOpt, ValidFractionOpt, ViewColOpt, ViewsOpt, manifest_kwargs, manifest_options,
 )
 from manifests.errors import CxrError
@@ -57,6 +57,8 @@ def build(
     view_col: ViewColOpt = None,
     split_col: SplitColOpt = None,
     path_format: PathFormatOpt = None,
+    sex_col: SexColOpt = None,
+    age_col: AgeColOpt = None,
     size: Annotated[int, typer.Option("--size", help="Output side in pixels (images are SIZE x SIZE).")] = DEFAULTS["size"],
     format: Annotated[str, typer.Option("--format", metavar="wds|hdf5|both",
                                         help="WebDataset tars, one HDF5 file per split, or both.")] = DEFAULTS["format"],

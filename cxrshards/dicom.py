@@ -44,7 +44,7 @@ import warnings
 
 import numpy as np
 
-from cxrshards.pixels import PixelError
+from cxrshards.pixelerror import PixelError
 
 SUFFIXES = (".dcm", ".dicom")
 MAGIC_OFFSET, MAGIC = 128, b"DICM"

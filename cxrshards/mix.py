@@ -1,10 +1,14 @@
-"""Several shard sets read as one: the one place where shard sets meet for a run (`cxr train --shards A,B`).
+"""Shard sets read as one: the one place where shard sets meet, for a run (`cxr train --shards A[,B...]`) and for
+its evaluation. One set is a mix of one: it reads exactly as `open_shards` reads that set alone (the same
+samples, order, `len()` and labels), so a run never needs a second path for the single-set case.
 
 The rules:
 - Sets: one image size (else a one-line error naming each set's size) and distinct card names.
-- Labels: each set's labels in shared names (`manifests.labelmap`). The run's labels are the union: the first
-  set's names in its card order, then each next set's new names in its card order; or `--labels` (shared
-  names). A run label a set lacks is NaN for that set's samples (the losses mask NaN: never a fake negative).
+- Labels: each set's labels in shared names (`manifests.labelmap`); the stream works in shared names. The run's
+  labels are the union of shared names (the first set's in its card order, then each next set's new ones in
+  its card order), each NAMED as the first set that has it names it (so a lone MIMIC set keeps
+  `Pleural Effusion`); or `--labels`, given by those names or by shared names. A run label a set lacks is NaN
+  for that set's samples (the losses mask NaN: never a fake negative).
 - Keys in a mixed stream are `NAME/KEY` (NAME = the set's card name; keys never hold `/`), unique across sets.
 - Per epoch each set gives n_s samples of its pool (its train keys after --views and --max-per-label), drawn
   without replacement, afresh each epoch, from `default_rng([seed, epoch, DRAW_TAG, set index])`:
@@ -18,8 +22,9 @@ The rules:
   That order is cut into ranks, batches and DataLoader workers by `cxrshards.plan` exactly as one set is: exact
   `len()`, the same number of batches on every rank, each selected sample once per epoch. With tar shards a
   worker reads each set's part through that set's shuffle buffer, seeded by (seed, epoch, rank, worker, set).
-- Normalisation: the cards' train pixel stats pooled by train counts:
-  mean = sum(n_s m_s) / N, var = sum(n_s (std_s^2 + (m_s - mean)^2)) / N (within- plus between-set variance).
+- Normalisation: the cards' train pixel stats pooled by train counts, w_s = n_s / N:
+  mean = sum(w_s m_s), var = sum(w_s (std_s^2 + (m_s - mean)^2)) (within- plus between-set variance); for one
+  set w = 1, so mean and std are the card's own, bit for bit.
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from cxrshards import plan as planning
-from cxrshards.reader import ShardStream, _dist_rank, _worker, open_shards, read_card, resolve_shard_dir
+from cxrshards.reader import ShardStream, open_shards, read_card, resolve_shard_dir
+from cxrshards.workers import dist_rank, worker_info
 from manifests.errors import CxrError
 from manifests.labelmap import LabelMap
 
@@ -59,6 +65,11 @@ class MixSet:
     @property
     def source(self) -> str:
         return str(self.card.get("source", ""))
+
+    @property
+    def labels(self) -> list[str]:
+        """The card's own label names, card order."""
+        return list(self.card["labels"])
 
 
 def resolve_sets(names: Sequence[str | os.PathLike], root: str | os.PathLike | None,
@@ -85,16 +96,36 @@ def resolve_sets(names: Sequence[str | os.PathLike], root: str | os.PathLike | N
     return sets
 
 
-def union_labels(sets: Sequence[MixSet], wanted: Sequence[str] = ()) -> list[str]:
-    """The run's labels: the union of shared names (first set's order, then new names in order), or `wanted`."""
-    union: list[str] = []
+@dataclass(frozen=True)
+class RunLabels:
+    """The labels of a run over some shard sets: `names` as the run reports them, `shared` the same labels in
+    shared names (what the streams and the label map work in), same order."""
+    names: list[str]
+    shared: list[str]
+
+
+def run_labels(sets: Sequence[MixSet], wanted: Sequence[str] = ()) -> RunLabels:
+    """The union of the sets' labels (first set's order, then each next set's new ones), each named as the first
+    set holding it names it; or `wanted` (those names or shared names), in the order given."""
+    shared: list[str] = []
+    names: list[str] = []
     for s in sets:
-        union += [name for name in s.shared if name not in union]
-    unknown = [w for w in wanted if w not in union]
-    if unknown:
-        raise MixError(f"--labels: {unknown[0]!r} is not a shared label name of these shard sets "
-                       f"(they have: {', '.join(union)})")
-    return list(wanted) if wanted else union
+        for own, common in zip(s.labels, s.shared):
+            if common not in shared:
+                shared.append(common)
+                names.append(own)
+    if not wanted:
+        return RunLabels(names, shared)
+    pick = []
+    for w in wanted:
+        if w in names:
+            pick.append(names.index(w))
+        elif w in shared:
+            pick.append(shared.index(w))
+        else:
+            raise MixError(f"--labels: {w!r} is not a label of {', '.join(s.name for s in sets)} "
+                           f"(labels: {', '.join(names)})")
+    return RunLabels([names[i] for i in pick], [shared[i] for i in pick])
 
 
 def label_columns(mix_set: MixSet, labels: Sequence[str]) -> np.ndarray:
@@ -121,8 +152,9 @@ def pooled_normalisation(sets: Sequence[MixSet]) -> tuple[float, float]:
                            f"pass --normalize MEAN,STD (e.g. 0.5,0.5)")
         counts.append(count), means.append(float(mean)), stds.append(float(std))
     n, m, sd = np.array(counts, np.float64), np.array(means), np.array(stds)
-    mean = float((n * m).sum() / n.sum())
-    var = float((n * (sd ** 2 + (m - mean) ** 2)).sum() / n.sum())
+    w = n / n.sum()
+    mean = float((w * m).sum())
+    var = float((w * (sd * sd + (m - mean) ** 2)).sum())
     return mean, math.sqrt(var)
 
 
@@ -171,9 +203,10 @@ def split_key(key: str) -> tuple[str, str]:
     return name, rest
 
 
-def combined_table(sets: Sequence[MixSet], labels: Sequence[str]):
-    """The sets' manifest rows as one table: `set`, `key` as NAME/KEY, `patient_id` as NAME/ID, split, view and
-    the run's labels in shared names (NaN where a set lacks one). For the per-label cap and pos_weight."""
+def combined_table(sets: Sequence[MixSet], labels: RunLabels):
+    """The sets' manifest rows as one table: `set`, `key` as NAME/KEY, `patient_id` as NAME/ID, split, view, sex,
+    age (missing in sets built before them) and the run's labels under `labels.names` (NaN where a set lacks
+    one). For the per-label cap, pos_weight and the --views filter."""
     import pandas as pd
 
     from manifests.table import read_manifest
@@ -183,24 +216,30 @@ def combined_table(sets: Sequence[MixSet], labels: Sequence[str]):
         table = read_manifest(s.shard_dir / "manifest.parquet").table
         part = pd.DataFrame({"set": s.name, "key": s.name + SEP + table["key"].astype(str),
                              "patient_id": s.name + SEP + table["patient_id"].astype(str),
-                             "split": table["split"], "view": table["view"]})
-        for name, col in zip(labels, label_columns(s, labels).tolist()):
-            part[name] = table[s.card["labels"][col]].astype(np.float32) if col >= 0 else np.float32(np.nan)
+                             "split": table["split"], "view": table["view"], "sex": table["sex"],
+                             "age": table["age"]})
+        for name, col in zip(labels.names, label_columns(s, labels.shared).tolist()):
+            part[name] = table[s.labels[col]].astype(np.float32) if col >= 0 else np.float32(np.nan)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
+
+
+def shuffle_rng(seed: int, epoch: int, rank: int, worker: int, set_index: int) -> np.random.Generator:
+    """The shuffle buffer's generator of one set in one worker: set 0 draws as a lone set's reader does."""
+    return planning.epoch_rng(seed, epoch, rank, worker, *([set_index] if set_index else []))
 
 
 class MixedStream(IterableDataset):
     """One split of several shard sets as one iterable of samples or collated batches. Build with `open_mix`.
 
-    Yields what `ShardStream` yields (`(uint8 [b,1,S,S], float32 [b,L], keys)` with batches), labels in the
-    run's order, keys `NAME/KEY`. `set_epoch(e)` / `set_keys(keys)` before each epoch's iterator, as for
+    Yields what `ShardStream` yields (`(uint8 [b,1,S,S], float32 [b,L], keys)` with batches; with decode="gpu"
+    an `EncodedJpegBatch` for the images), labels in the run's order, keys `NAME/KEY`. `set_epoch(e)` / `set_keys(keys)` before each epoch's iterator, as for
     `ShardStream`; `len()` is exact.
     """
 
     def __init__(self, sets: Sequence[MixSet], streams: Sequence[ShardStream], labels: Sequence[str],
                  mix: str | tuple[float, ...], *, seed: int, epoch: int, shuffle: bool, batch_size: int | None,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, decode: str = "cpu"):
         super().__init__()
         self.names = [s.name for s in sets]
         self.streams = list(streams)
@@ -208,6 +247,7 @@ class MixedStream(IterableDataset):
         self.mix = mix
         self.seed, self.epoch, self.shuffle = int(seed), int(epoch), bool(shuffle)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.decode = decode
         self.size = int(sets[0].card["size"])
         self._values = [map_label_values(st._label_values, label_columns(s, labels))
                         for s, st in zip(sets, self.streams)]
@@ -281,36 +321,48 @@ class MixedStream(IterableDataset):
 
     # -- iteration -------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
-        worker, num_workers = _worker()
+        worker, num_workers = worker_info()
         orders, rp = self.epoch_plan()
         wp = rp.worker(worker, num_workers, start=self.start)
         counts = np.array([len(o) for o in orders], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])[:-1]
         group = np.searchsorted(offsets, wp.rows, side="right") - 1 if len(wp.rows) else wp.rows
-        buffers = [st.buffer_order(int(np.count_nonzero(group == s)), self.rank, wp.worker, s)
+        buffers = [st.buffer_order(int(np.count_nonzero(group == s)),
+                                   shuffle_rng(self.seed, self.epoch, self.rank, wp.worker, s))
                    for s, st in enumerate(self.streams)]
         rows, sizes, reads = wp.after_buffers(group, buffers)
         set_of = np.searchsorted(offsets, rows, side="right") - 1 if len(rows) else rows
-        images_of = [st.iter_images(orders[s][reads[s] - offsets[s]], orders[s][rows[set_of == s] - offsets[s]])
-                     for s, st in enumerate(self.streams)]
+        encoded = self.decode == "gpu"
+        items_of = []
+        for s, st in enumerate(self.streams):
+            read, mine = orders[s][reads[s] - offsets[s]], orders[s][rows[set_of == s] - offsets[s]]
+            items_of.append(st.iter_records(read, mine) if encoded else st.iter_images(read, mine))
         sizes = sizes if sizes is not None else np.ones(len(rows), dtype=np.int64)
         start = 0
         for b in sizes.tolist():
             which = set_of[start:start + b].tolist()
             start += b
-            images = torch.empty((b, 1, self.size, self.size), dtype=torch.uint8)
+            images = torch.empty((0 if encoded else b, 1, self.size, self.size), dtype=torch.uint8)
             out = images.numpy()
             labels = np.empty((b, len(self.labels)), dtype=np.float32)
-            keys = []
+            keys, data = [], []
             for j, s in enumerate(which):
-                got = next(images_of[s], None)
+                got = next(items_of[s], None)
                 if got is None:   # cannot happen with a consistent plan; never yield a short batch silently
                     raise MixError(f"{self.streams[s].shard_dir}: ran out of samples mid-epoch")
-                row, img = got
-                out[j, 0] = img
+                st, row = self.streams[s], got[0]
+                if encoded:
+                    data.append(st.encoded_tensor(row, got[1], got[2]))
+                else:
+                    out[j, 0] = got[1]
                 labels[j] = self._values[s][row]
-                keys.append(self.names[s] + SEP + self.streams[s]._keys[row].decode())
-            if wp.sizes is None:
+                keys.append(self.names[s] + SEP + st._keys[row].decode())
+            if encoded:
+                from cxrshards.jpeg_batch import EncodedJpegBatch
+
+                where = ", ".join(dict.fromkeys(self.streams[s].where for s in which))
+                yield EncodedJpegBatch(data, self.size, keys, where), torch.from_numpy(labels), keys
+            elif wp.sizes is None:
                 yield images[0], torch.from_numpy(labels[0]), keys[0]
             else:
                 yield images, torch.from_numpy(labels), keys
@@ -319,16 +371,17 @@ class MixedStream(IterableDataset):
 def open_mix(sets: Sequence[MixSet], split: str, labels: Sequence[str], *, mix: str = "proportional",
              format: str = "auto", seed: int = 0, epoch: int = 0, shuffle: bool | None = None,
              keys: Iterable[str] | None = None, batch_size: int | None = None, rank: int | None = None,
-             world_size: int | None = None, shuffle_buffer: int = 1000) -> MixedStream:
-    """One split of several shard sets as a `MixedStream` (arguments as `open_shards`, plus the run's labels
-    in shared names and the --mix)."""
-    rank, world_size = _dist_rank(rank, world_size)
+             world_size: int | None = None, shuffle_buffer: int = 1000, decode: str = "cpu") -> MixedStream:
+    """One split of the shard sets as a `MixedStream` (arguments as `open_shards`, plus the labels in shared
+    names and the --mix)."""
+    rank, world_size = dist_rank(rank, world_size)
     shuffle = (split == "train") if shuffle is None else shuffle
     streams = [open_shards(s.shard_dir, split, format=format, seed=seed, epoch=epoch, shuffle=shuffle,
-                           rank=0, world_size=1, shuffle_buffer=shuffle_buffer) for s in sets]
+                           rank=0, world_size=1, shuffle_buffer=shuffle_buffer, decode=decode,
+                           batch_size=batch_size if decode == "gpu" else None) for s in sets]
     stream = MixedStream(sets, streams, labels, parse_mix(mix, len(sets)) if isinstance(mix, str) else mix,
                          seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size, rank=rank,
-                         world_size=world_size)
+                         world_size=world_size, decode=decode)
     if keys is not None:
         stream.set_keys(keys)
     return stream

@@ -45,10 +45,9 @@ except ImportError:  # pragma: no cover - a dependency; libspng alone decodes th
     _inflate = None
 
 from cxrshards.choices import CODEC_EXTENSIONS, CODECS, FITS
+from cxrshards.pixelerror import DICOM_REASON, REJECT_REASONS, PixelError
 from manifests.errors import CxrError
 
-REJECT_REASONS = ("missing", "zero bytes", "truncated", "corrupt", "unreadable")
-DICOM_REASON = "DICOM: "   # prefix of the reasons only DICOM files get (cxrshards.dicom)
 
 # A 1/r decode stands in for r x r block means; resampling those blocks again by a factor close to 1
 # smears the partial blocks at each output pixel's edges. Keeping the reduced side >= 1.25 x target
@@ -67,23 +66,6 @@ _NO_ROTATE = cv2.IMREAD_IGNORE_ORIENTATION
 _REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 # JPEG start-of-frame markers: C0..CF except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-class PixelError(CxrError):
-    """An image file that cannot become pixels. `reason` is one of REJECT_REASONS or starts with
-    DICOM_REASON."""
-
-    def __init__(self, reason: str, path: str | os.PathLike | None = None, detail: str = "") -> None:
-        if reason not in REJECT_REASONS and not (reason.startswith(DICOM_REASON) and len(reason) > len(DICOM_REASON)):
-            raise ValueError(f"unknown pixel reject reason {reason!r}")
-        self.reason = reason
-        self.path = None if path is None else str(path)
-        self.detail = detail
-        where = f"{self.path}: " if self.path else ""
-        super().__init__(f"{where}{reason}" + (f" ({detail})" if detail else ""))
-
-    def __reduce__(self):  # crosses process boundaries (the shard builder's workers) intact
-        return (type(self), (self.reason, self.path, self.detail))
 
 
 # --- reading and decoding ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from cxrshards import plan as planning
 from cxrshards import remote
+from cxrshards.workers import dist_rank, worker_info
 from cxrshards.paths import shards_root
 from manifests.errors import CxrError
 
@@ -245,25 +246,6 @@ def _key_bytes(keys: Iterable[str]) -> np.ndarray:
     return np.array([str(k).encode("utf-8") for k in keys], dtype="S")
 
 
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def _dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None and world_size is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-    if rank is None or world_size is None:
-        raise CxrError("pass both rank and world_size, or neither (then torch.distributed decides)")
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise CxrError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-    return rank, world_size
-
-
 # --------------------------------------------------------------------------------------------------
 # Streaming
 
@@ -431,26 +413,31 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator:
         from cxrshards import pixels
 
-        worker, num_workers = _worker()
+        worker, num_workers = worker_info()
         wp = self.rank_plan().worker(worker, num_workers, start=self.start)
         if self.format == "hdf5":
             rows, sizes, _ = wp.after_buffers()
             return self._iter_h5(rows, sizes)
-        rows, sizes, (read,) = wp.after_buffers(None, [self.buffer_order(len(wp.rows), self.rank, wp.worker)])
+        rng = planning.epoch_rng(self.seed, self.epoch, self.rank, wp.worker)
+        rows, sizes, (read,) = wp.after_buffers(None, [self.buffer_order(len(wp.rows), rng)])
         records = _in_order(self._wds_records(read), rows, self.shard_dir)
         return self._emit_wds(records, sizes, _Decoder(pixels.decode, self.size))
 
-    def buffer_order(self, n: int, *parts: int) -> np.ndarray:
-        """Output order of a worker's shuffle buffer over its n rows this epoch, its RNG seeded by
-        (seed, epoch, *parts), e.g. parts = (rank, worker); identity without shuffling or for hdf5."""
+    def buffer_order(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Output order of a worker's shuffle buffer over its n rows this epoch, drawn from `rng` (e.g. seeded
+        by (seed, epoch, rank, worker)); identity without shuffling or for hdf5."""
         if self.format != "wds" or not self.shuffle or self.shuffle_buffer <= 1:
             return np.arange(n, dtype=np.int64)
-        rng = planning.epoch_rng(self.seed, self.epoch, *parts)
         return planning.buffer_order(n, self.shuffle_buffer, rng)
 
+    def iter_records(self, read: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, Any, str]]:
+        """(row, encoded image, codec) for each of `rows` of a tar split in that order, reading `read` (the same
+        rows in read order: each tar once), for readers that make their own batches (`cxrshards.mix`)."""
+        return _in_order(self._wds_records(read), rows, self.where)
+
     def iter_images(self, read: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """(row, uint8 S x S image) for each of `rows` in that order, reading `read` (the same rows in read
-        order: for tars, each tar once), for readers that make their own batches (`cxrshards.mix`)."""
+        """(row, uint8 S x S image) for each of `rows` in that order (hdf5: reading them so; wds: as
+        `iter_records`)."""
         from cxrshards import pixels
 
         if self.format == "hdf5":
@@ -464,8 +451,20 @@ class ShardStream(IterableDataset):
                 h5.close()
             return
         decode = _Decoder(pixels.decode, self.size)
-        for row, data, codec in _in_order(self._wds_records(read), rows, self.shard_dir):
+        for row, data, codec in self.iter_records(read, rows):
             yield row, self._decode(decode, data, codec, row)
+
+    def encoded_tensor(self, row: int, data, codec: str) -> torch.Tensor:
+        """A JPEG member as a 1-D uint8 tensor for `EncodedJpegBatch` (--decode gpu); CxrError for another codec."""
+        if codec != "jpeg":
+            raise CxrError(f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()} is {codec}, "
+                           f"not JPEG: --decode gpu reads JPEG tars only")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    @property
+    def where(self) -> str:
+        """The set's URL or folder, for messages."""
+        return str(self._tars.url if self._tars else self.shard_dir)
 
     def _wds_records(self, rows: np.ndarray) -> Iterator[tuple[int, bytes, str]]:
         """(row, encoded image, codec) for `rows`, in tar order, reading each tar once and sequentially."""
@@ -543,14 +542,9 @@ class ShardStream(IterableDataset):
             if len(batch) != b:
                 raise CxrError(f"{self.shard_dir}: the {self.split} shards ran out of samples mid-epoch")
             rows = np.array([row for row, _, _ in batch], dtype=np.int64)
-            for row, _, codec in batch:
-                if codec != "jpeg":
-                    raise CxrError(f"{self.shard_dir}: {self.split} sample {self._keys[row].decode()} is {codec}, "
-                                   f"not JPEG: --decode gpu reads JPEG tars only")
+            data = [self.encoded_tensor(row, d, codec) for row, d, codec in batch]
             images, labels, keys = self._collate(None, rows)
-            data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, d, _ in batch]
-            yield EncodedJpegBatch(data, self.size, keys, f"{self._tars.url if self._tars else self.shard_dir}"), \
-                labels, keys
+            yield EncodedJpegBatch(data, self.size, keys, self.where), labels, keys
 
     def _collate(self, images: torch.Tensor, rows: np.ndarray):
         return (images, torch.from_numpy(self._label_values[rows]),
@@ -633,7 +627,7 @@ def open_shards(name_or_path: str | os.PathLike, split: str, *, root: str | os.P
         raise CxrError(f"--decode gpu reads JPEG tars in batches; {shard_dir} gives {format} "
                        f"{card.get('codec')} shards{'' if batch_size else ' without a batch size'}: rebuild with "
                        f"`cxr shard build ... --codec jpeg` or use --decode cpu")
-    rank, world_size = _dist_rank(rank, world_size)
+    rank, world_size = dist_rank(rank, world_size)
     return ShardStream(shard_dir, split, format, card, seed=seed, epoch=epoch,
                        shuffle=(split == "train") if shuffle is None else shuffle, keys=keys,
                        batch_size=batch_size, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,

@@ -12,7 +12,9 @@ Rows: `key` = DIR_patientNNNNN_studyN_NAME (the Path below the dataset folder, n
 `patient_id` = patientNNNNN; `study_id` = patientNNNNN/studyN; `view` = the `AP/PA` value of a
 frontal image (AP, PA, LL, RL; missing when blank) and LATERAL for a lateral one. `--views` keeps
 those views and lists every other image as a reject; splits are drawn first, so views never move a
-patient. Labels: the 14 columns in file order, by `manifests.labelcells` (as MIMIC).
+patient. Labels: the 14 columns in file order, by `manifests.labelcells` (as MIMIC). `sex` from `Sex`
+(Female, Male; Unknown -> missing) and `age` from `Age` (`manifests.demographics`; above 120 -> missing,
+counted in `meta["demographics"]`); a file without these columns gives missing values.
 
 Splits: `auto`/`official` follow the files: with test.csv, train/valid/test = train.csv/valid.csv/
 test.csv; without it, test = valid.csv and valid = a seeded `--valid-fraction` of train.csv's patients.
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from manifests.csvtable import find_table, isin_text, line_of, read_csv_table, require_filled, require_unique
+from manifests.demographics import demographics_meta, missing_demographics, parse_age, parse_sex
 from manifests.errors import ManifestError
 from manifests.labelcells import label_matrix
 from manifests.options import ManifestOptions
@@ -41,6 +44,7 @@ FILES = ("train.csv", "valid.csv", "test.csv")     # test.csv (the later test la
 VIEWS = ("AP", "PA", "LL", "RL", "LATERAL")
 PATH_PATTERN = (r"^(?:(?P<top>[^/]+)/)?(?P<dir>[^/]+)/(?P<patient>patient[0-9]+)/(?P<study>study[0-9]+)/"
                 r"(?P<stem>[^/]+)\.(?P<ext>[^./]+)$")
+SEX_COLUMN, AGE_COLUMN = "Sex", "Age"
 PATH_FORM = "[DATASET/]DIR/patientNNNNN/studyN/NAME.EXT with names in [A-Za-z0-9_-]"
 
 
@@ -65,7 +69,8 @@ def build_chexpert(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, p
     if paths[1] is None:
         raise ManifestError(f"{folder}: no valid.csv beside train.csv")
     parts = [_read_file(path, i, prefix, options.uncertain) for i, path in enumerate(paths) if path is not None]
-    table = pd.concat(parts, ignore_index=True)
+    table = pd.concat([part for part, _ in parts], ignore_index=True)
+    read = [found for _, found in parts]    # per file: {"Sex": bool, "Age": bool, "above": n}
     files = [p for p in paths if p is not None]
     _require_unique_key(table, files)
 
@@ -74,14 +79,19 @@ def build_chexpert(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, p
     rejects = []
     if options.views:
         keep = _select_views(table, options.views, rejects)
-    meta = {"tables": [p.name for p in files], "dataset_folder": prefix.rstrip("/") or "."}
+    meta = {"tables": [p.name for p in files], "dataset_folder": prefix.rstrip("/") or ".",
+            "demographics": demographics_meta(SEX_COLUMN if any(r[SEX_COLUMN] for r in read) else None,
+                                              AGE_COLUMN if any(r[AGE_COLUMN] for r in read) else None,
+                                              sum(r["above"] for r in read))}
     table = table.drop(columns=["file", "line"])[keep]
     return table, concat_rejects(rejects), meta, list(CHEXPERT_LABELS)
 
 
-def _read_file(path: Path, index: int, prefix: str, uncertain: str) -> pd.DataFrame:
-    """One CSV's rows as BASE_COLUMNS (split not yet) + labels, plus `file` (index in FILES) and `line`."""
-    frame = read_csv_table(path, ["Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS], numeric=list(CHEXPERT_LABELS))
+def _read_file(path: Path, index: int, prefix: str, uncertain: str) -> tuple[pd.DataFrame, dict]:
+    """(One CSV's rows as BASE_COLUMNS (split not yet) + labels + sex, age, plus `file` (index in FILES) and
+    `line`; {"Sex": column present, "Age": column present, "above": ages above 120 made missing})."""
+    frame = read_csv_table(path, ["Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS], numeric=list(CHEXPERT_LABELS),
+                           optional=[SEX_COLUMN, AGE_COLUMN])
     require_filled(frame, ["Path", "Frontal/Lateral"], path)
     require_unique(frame, "Path", path, "Path")
     text = pa.array(frame["Path"].str.strip().to_numpy(dtype=object), type=pa.large_string())
@@ -119,9 +129,17 @@ def _read_file(path: Path, index: int, prefix: str, uncertain: str) -> pd.DataFr
     })
     labels = pd.DataFrame(label_matrix(frame, CHEXPERT_LABELS, path, uncertain), columns=list(CHEXPERT_LABELS))
     out = pd.concat([out, labels], axis=1)
+    where = lambda position: f"line {line_of(position)}"  # noqa: E731
+    demographics, above = missing_demographics(len(out), out.index), 0
+    if SEX_COLUMN in frame:
+        demographics["sex"] = parse_sex(frame[SEX_COLUMN], path, SEX_COLUMN, where).set_axis(out.index)
+    if AGE_COLUMN in frame:
+        age, above = parse_age(frame[AGE_COLUMN], path, AGE_COLUMN, where)
+        demographics["age"] = age.set_axis(out.index)
+    out["sex"], out["age"] = demographics["sex"], demographics["age"]
     out["file"] = index
     out["line"] = np.arange(len(out)) + 2
-    return out
+    return out, {SEX_COLUMN: SEX_COLUMN in frame, AGE_COLUMN: AGE_COLUMN in frame, "above": above}
 
 
 def _text(value: str) -> pa.Scalar:

@@ -10,7 +10,9 @@ Rules (README "DICOM files in folder sets"; docs/DESIGN.md section 1):
    header that runs into the end of the file or into garbage is `DicomHeaderError`, as is a DICOM that
    holds no image (a report). The error's reason is what the manifest's rejects list.
 4. PatientID, StudyInstanceUID and ViewPosition come back as text without DICOM's space/NUL padding;
-   absent or empty -> None.
+   absent or empty -> None. PatientSex -> "F"/"M"/None and PatientAge ("045Y", "006M", "010W", "003D")
+   -> years as written, NaN when absent or not an age (`manifests.demographics.sex_of` / `age_of`: a bad
+   value is missing, never a reject).
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import os
 import warnings
 from dataclasses import dataclass
 
+from manifests.demographics import age_of, sex_of
 from manifests.errors import ManifestError
 
 SUFFIXES = (".dcm", ".dicom")
 MAGIC_OFFSET, MAGIC = 128, b"DICM"
-TAGS = ("PatientID", "StudyInstanceUID", "ViewPosition")
+TAGS = ("PatientID", "StudyInstanceUID", "ViewPosition", "PatientSex", "PatientAge")
 _PIXEL_GROUP = (b"\xe0\x7f", b"\x7f\xe0")   # (7FE0,xxxx) little and big endian: Pixel Data and its float kin
 
 
@@ -31,6 +34,8 @@ class DicomHeader:
     patient_id: str | None       # PatientID
     study_id: str | None         # StudyInstanceUID
     view: str | None             # ViewPosition (AP, PA, LL, LATERAL, ...)
+    sex: str | None = None       # PatientSex: "F", "M" or None (O, blank, absent, anything else)
+    age: float = float("nan")    # PatientAge in years as written (may exceed 120); NaN when absent or bad
 
 
 class DicomHeaderError(ManifestError):
@@ -52,7 +57,8 @@ def has_magic(path: str | os.PathLike) -> bool:
 
 
 def read_header(path: str | os.PathLike) -> DicomHeader:
-    """PatientID, StudyInstanceUID and ViewPosition of one DICOM file; DicomHeaderError when unreadable."""
+    """PatientID, StudyInstanceUID, ViewPosition, PatientSex and PatientAge of one DICOM file;
+    DicomHeaderError when unreadable."""
     import pydicom
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -69,7 +75,8 @@ def read_header(path: str | os.PathLike) -> DicomHeader:
                 if fp.read(2) not in _PIXEL_GROUP:
                     raise DicomHeaderError(path, "unreadable DICOM header (no Pixel Data after it: truncated, "
                                                  "corrupt, or not an image)")
-            return DicomHeader(*(_text(ds, tag) for tag in TAGS))
+            return DicomHeader(_text(ds, "PatientID"), _text(ds, "StudyInstanceUID"), _text(ds, "ViewPosition"),
+                               sex_of(_text(ds, "PatientSex")), age_of(_text(ds, "PatientAge")))
     except DicomHeaderError:
         raise
     except OSError as exc:

@@ -23,7 +23,9 @@ Patients: `--patient-pattern REGEX` is searched in the file's path below its cla
 `person(\\d+)_` in `person1946_bacteria_4874.jpeg`); its first group is the patient id, and a file it does
 not match is its own patient (the pattern must match at least one file). Without a pattern a DICOM's
 patient is its PatientID, and any other file (or a DICOM with an empty PatientID) is its own patient
-(patient_id = key). study_id is a DICOM's StudyInstanceUID and view its ViewPosition (missing otherwise).
+(patient_id = key). study_id is a DICOM's StudyInstanceUID and view its ViewPosition, sex its PatientSex
+and age its PatientAge (`manifests.dicomheader`; above 120 -> missing, counted in `meta["demographics"]`);
+all missing for png/jpg files.
 
 Splits: a pre-split layout keeps its split (unless `--split random`); otherwise patients are split at
 random by `--ratios` (seeded), stratified by class: negative, then the labels in order; a patient with
@@ -38,11 +40,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from manifests.demographics import demographics_meta, drop_ages_above_max
 from manifests.dicomheader import DicomHeaderError, has_dicom_suffix, has_magic, read_header
 from manifests.errors import ManifestError
 from manifests.options import ManifestOptions
 from manifests.splits import patient_splits
-from manifests.table import BASE_COLUMNS, make_rejects, path_keys
+from manifests.table import RESERVED_COLUMNS, make_rejects, path_keys
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_DIRS = {"train": "train", "valid": "valid", "val": "valid", "validate": "valid", "test": "test"}
@@ -71,6 +74,8 @@ def build_folder(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.
     frame["dicom_patient"] = [h.patient_id if h else None for h in header_rows]
     frame["study_id"] = [h.study_id if h else None for h in header_rows]
     frame["view"] = [h.view if h else None for h in header_rows]
+    frame["sex"] = [h.sex if h else None for h in header_rows]
+    frame["age"] = np.array([h.age if h else np.nan for h in header_rows], dtype=np.float64)
     frame = frame[~rejected].reset_index(drop=True)
     if frame.empty:
         raise ManifestError(f"{raw}: no png/jpg/jpeg or DICOM image in the class folders "
@@ -96,8 +101,12 @@ def build_folder(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.
     })
     for i, label in enumerate(labels):
         table[label] = (strata == i + 1).astype(np.float32)
+    table["sex"] = frame["sex"]
+    table["age"], above = drop_ages_above_max(frame["age"])
+    dicom = bool(headers)
     meta = {"layout": "pre-split" if presplit else "class folders",
-            "classes": {names[cls]: label_of[cls] for cls in sorted(names)}}
+            "classes": {names[cls]: label_of[cls] for cls in sorted(names)},
+            "demographics": demographics_meta("PatientSex" if dicom else None, "PatientAge" if dicom else None, above)}
     return table, rejects, meta, labels
 
 
@@ -153,7 +162,7 @@ def _classes(raw: Path, class_dirs: list[tuple[str | None, Path]], options: Mani
         label_of = {"abnormal": "Cardiomegaly"}
     else:
         label_of = {cls: names[cls] for cls in positives}
-    clash = [label for label in label_of.values() if label in BASE_COLUMNS]
+    clash = [label for label in label_of.values() if label in RESERVED_COLUMNS]
     if clash:
         raise ManifestError(f"{raw}: class folder {clash[0]!r} would name a label like the manifest column "
                             f"{clash[0]!r}; rename the folder")

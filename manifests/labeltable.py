@@ -11,6 +11,10 @@ row index (Parquet; 0 is the first row), the column and the value):
 - Several rows for one path are one image: each label is the maximum over its rows after the uncertain
   policy (NaN only when every row is NaN); rows that disagree on patient, study, view or split are an
   error naming the image.
+- `--sex-col` / `--age-col` (optional; without them both are missing): `manifests.demographics`' rules
+  (F/M/Female/Male, Unknown -> missing; years or 045Y/006M/010W/003D, above 120 -> missing and counted in
+  `meta["demographics"]`); any other value is an error naming the row, column and value. Rows of one
+  path that disagree on sex or age are an error, as for the patient.
 - Keys as for folder sets (`manifests.table.path_keys`); two paths with one key are an error naming both.
 - Split: `--split-col` values train, valid, val, validate, test (any case); any other value, blank
   included, is an error listing them. `--split auto|official` use the column (official requires it);
@@ -30,11 +34,12 @@ import numpy as np
 import pandas as pd
 
 from manifests.csvtable import line_of, read_csv_table, read_parquet_table
+from manifests.demographics import demographics_meta, missing_demographics, parse_age, parse_sex
 from manifests.errors import ManifestError
 from manifests.labels import apply_uncertain
 from manifests.options import ManifestOptions
 from manifests.splits import patient_splits
-from manifests.table import BASE_COLUMNS, empty_rejects, path_keys
+from manifests.table import RESERVED_COLUMNS, empty_rejects, path_keys
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SPLIT_VALUES = {"train": "train", "valid": "valid", "val": "valid", "validate": "valid", "test": "test"}
@@ -63,6 +68,12 @@ def build_label_table(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame
         "split": _split_values(frame[options.split_col], options.split_col, path, where)
         if options.split_col else None,
     })
+    demographics, above = missing_demographics(len(frame), frame.index), 0
+    if options.sex_col:
+        demographics["sex"] = parse_sex(frame[options.sex_col], path, options.sex_col, where)
+    if options.age_col:
+        demographics["age"], above = parse_age(frame[options.age_col], path, options.age_col, where)
+    rows["sex"], rows["age"] = demographics["sex"], demographics["age"]
     values = np.column_stack([_label_values(frame[c], c, path, where) for c in labels])
     values = apply_uncertain(values, options.uncertain)
 
@@ -82,8 +93,10 @@ def build_label_table(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame
     })
     for i, label in enumerate(labels):
         table[label] = combined[:, i]
+    table["sex"], table["age"] = images["sex"], images["age"]
     meta = {"table": str(path.resolve()), "table_rows": len(frame),
-            "images_found": _count_found(raw, images["path"])}
+            "images_found": _count_found(raw, images["path"]),
+            "demographics": demographics_meta(options.sex_col, options.age_col, above)}
     return table, empty_rejects(), meta, labels
 
 
@@ -103,10 +116,13 @@ def _check_options(options: ManifestOptions) -> None:
     fmt = options.path_format
     if fmt is not None and fmt.count("{}") != 1:
         raise ManifestError(f"--path-format {fmt!r} needs exactly one {{}} (where the --path-col value goes)")
-    clash = [c for c in options.label_cols if c in BASE_COLUMNS]
+    both = [c for c in options.label_cols if c in (options.sex_col, options.age_col)]
+    if both:
+        raise ManifestError(f"--label-cols {both[0]!r} is also --sex-col or --age-col: a column is one or the other")
+    clash = [c for c in options.label_cols if c in RESERVED_COLUMNS]
     if clash:
         raise ManifestError(f"--label-cols {', '.join(repr(c) for c in clash)}: a label cannot be named like a "
-                            f"manifest column ({', '.join(BASE_COLUMNS)})")
+                            f"manifest column ({', '.join(RESERVED_COLUMNS)})")
     if options.split_col and options.split == "random":
         raise ManifestError(f"--split random ignores --split-col {options.split_col!r}; drop one of the two")
     if not options.split_col and options.split == "official":
@@ -118,12 +134,14 @@ def _read(path: Path, options: ManifestOptions) -> tuple[pd.DataFrame, Where]:
     ids = [c for c in (options.path_col, options.patient_col, options.study_col, options.view_col,
                        options.split_col) if c]
     labels = list(options.label_cols)
-    wanted = list(dict.fromkeys([*ids, *labels]))
+    demographics = [c for c in (options.sex_col, options.age_col) if c]
+    wanted = list(dict.fromkeys([*ids, *labels, *demographics]))
     if path.name.lower().endswith(PARQUET_SUFFIXES):
         frame = read_parquet_table(path, wanted)
         where: Where = lambda position: f"row index {int(position)}"  # noqa: E731
     else:
-        frame = read_csv_table(path, wanted, numeric=[c for c in labels if c not in ids], literal=True)
+        frame = read_csv_table(path, wanted, numeric=[c for c in labels if c not in ids and c not in demographics],
+                               literal=True)
         where = lambda position: f"line {line_of(position)}"  # noqa: E731
     out = pd.DataFrame({c: frame[c] for c in wanted})
     for column in dict.fromkeys(ids):
@@ -213,10 +231,11 @@ def _combine(rows: pd.DataFrame, values: np.ndarray, path: Path, where: Where) -
     images = rows.iloc[first].reset_index(drop=True)
     if len(first) == len(rows):
         return images, values
-    for column, what in (("patient_id", "patient"), ("study_id", "study"), ("view", "view"), ("split", "split")):
+    for column, what in (("patient_id", "patient"), ("study_id", "study"), ("view", "view"), ("split", "split"),
+                         ("sex", "sex"), ("age", "age")):
         if rows[column].isna().all():
             continue
-        pairs = pd.DataFrame({"code": codes, "value": rows[column].fillna("\0blank")}).drop_duplicates()
+        pairs = pd.DataFrame({"code": codes, "value": rows[column].astype(object).fillna("\0blank")}).drop_duplicates()
         again = pairs["code"].duplicated().to_numpy()
         if again.any():
             a, b = pairs.index[(pairs["code"] == pairs["code"][again].iloc[0]).to_numpy()][:2]

@@ -15,6 +15,9 @@ reject); `random` = seeded patient-level split by `--ratios`; `study-digit` = th
 ending in 8 or 9 is test, and the other subjects are split train/valid at random by patient
 (`--valid-fraction`, seeded). With one image per subject every split is patient-disjoint.
 `auto` = official when the split file is present, else random.
+
+Demographics: MIMIC-CXR's tables hold no sex or age, so both columns are missing; `cxr eval
+--demographics patients.csv.gz` (MIMIC-IV's table, by subject_id = patient_id) adds them at evaluation.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import pandas as pd
 
 from manifests.csvtable import (isin_text, line_of, lookup_text, read_csv_table, require_filled, require_unique,
                                 sort_order_text)
+from manifests.demographics import demographics_meta, missing_demographics
 from manifests.errors import ManifestError
 from manifests.labelcells import label_matrix
 from manifests.options import ManifestOptions
@@ -68,9 +72,11 @@ def build_mimic(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.D
     table = pd.DataFrame({
         "key": chosen["dicom_id"], "source": "mimic", "path": chosen["path"], "patient_id": chosen["subject_id"],
         "study_id": chosen["study_id"], "view": chosen["ViewPosition"], "split": split,
+        **missing_demographics(len(chosen), chosen.index),
     })
     table = table.join(labels, on="study_id")[table["split"].notna()]
-    meta = {"tables": [p.name for p in (meta_path, label_path, split_file) if p is not None]}
+    meta = {"tables": [p.name for p in (meta_path, label_path, split_file) if p is not None],
+            "demographics": demographics_meta(None, None, 0)}
     return table, concat_rejects(rejects), meta
 
 

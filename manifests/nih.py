@@ -8,6 +8,9 @@ Choices where the release leaves room:
   the tables, and the shard build reports images it cannot read.
 - Splits are drawn before `--views` filters rows, so choosing views never moves a patient.
 - `patient_id` is the `Patient ID` column as written (e.g. "1"); NIH has no study, so `study_id` is null.
+- `sex` from `Patient Gender` (or `Patient Sex`), `age` from `Patient Age` (`manifests.demographics`:
+  ages above 120, typing slips such as 412 in the 2017 table, become missing and are counted in
+  `meta["demographics"]["ages_above_max"]`). A table without these columns gives missing values.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import pandas as pd
 
 from manifests.csvtable import (find_table, isin_text, line_of, lookup_text, read_csv_table, require_filled,
                                 require_unique)
+from manifests.demographics import demographics_meta, missing_demographics, parse_age, parse_sex
 from manifests.errors import ManifestError
 from manifests.options import ManifestOptions
 from manifests.splits import patient_splits
@@ -28,6 +32,8 @@ from manifests.vocab import NIH_LABELS
 TABLE_NAMES = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"]
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
+SEX_COLUMNS = ("Patient Gender", "Patient Sex")
+AGE_COLUMN = "Patient Age"
 
 
 def build_nih(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -35,7 +41,8 @@ def build_nih(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.Dat
     path = find_table(raw, TABLE_NAMES)
     if path is None:
         raise ManifestError(f"{raw}: no NIH table (expected {' or '.join(n + '[.gz]' for n in TABLE_NAMES)})")
-    entries = read_csv_table(path, ["Image Index", "Finding Labels", "Patient ID"], optional=["View Position"])
+    entries = read_csv_table(path, ["Image Index", "Finding Labels", "Patient ID"],
+                             optional=["View Position", *SEX_COLUMNS, AGE_COLUMN])
     require_filled(entries, ["Image Index", "Finding Labels", "Patient ID"], path)
     require_unique(entries, "Image Index", path, "Image Index")
 
@@ -58,11 +65,23 @@ def build_nih(raw: Path, options: ManifestOptions) -> tuple[pd.DataFrame, pd.Dat
         "view": entries["View Position"] if "View Position" in entries else no_value,
     })
     table["split"], rejects = _splits(raw, path, table, names, options)
+    table["sex"], table["age"], demographics = _demographics(entries, path)
     keep = table["split"].notna().to_numpy()
     if options.views:
         keep = _select_views(table, keep, options.views, path, rejects)
-    meta = {"table": path.name, "images_found": images_found}
+    meta = {"table": path.name, "images_found": images_found, "demographics": demographics}
     return pd.concat([table, labels], axis=1)[keep], concat_rejects(rejects), meta
+
+
+def _demographics(entries: pd.DataFrame, path: Path) -> tuple[pd.Series, pd.Series, dict]:
+    """(sex per row, age per row, the meta entry: the columns read and the ages above 120 made missing)."""
+    sex_column = next((c for c in SEX_COLUMNS if c in entries), None)
+    age_column = AGE_COLUMN if AGE_COLUMN in entries else None
+    where = lambda position: f"line {line_of(position)}"  # noqa: E731
+    missing = missing_demographics(len(entries), entries.index)
+    sex = parse_sex(entries[sex_column], path, sex_column, where) if sex_column else missing["sex"]
+    age, above = parse_age(entries[age_column], path, age_column, where) if age_column else (missing["age"], 0)
+    return sex, age, demographics_meta(sex_column, age_column, above)
 
 
 def _select_views(table: pd.DataFrame, keep: np.ndarray, views: tuple[str, ...], path: Path,

@@ -44,6 +44,8 @@ class ManifestOptions:
     view_col: str | None = None
     split_col: str | None = None         # train/valid/val/validate/test per row; None: seeded --ratios
     path_format: str | None = None       # e.g. "stage_2_train_images/{}.dcm"; None: the value is the path
+    sex_col: str | None = None           # column holding F/M/Female/Male (manifests.demographics); None: missing
+    age_col: str | None = None           # column holding the age in years (or 045Y/006M); None: missing
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -55,10 +57,10 @@ class ManifestOptions:
             raise ManifestError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if len(self.ratios) != 3 or any(not math.isfinite(r) or r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
             raise ManifestError(f"--ratios needs three non-negative numbers train:valid:test, got {self.ratios}")
-        from manifests.table import BASE_COLUMNS   # here, not at import: pandas is slow to import (cxr --help)
+        from manifests.table import RESERVED_COLUMNS   # here, not at import: pandas is slow to import (cxr --help)
 
-        if self.label is not None and (not self.label.strip() or self.label in BASE_COLUMNS):
-            raise ManifestError(f"--label {self.label!r} must be a name other than {', '.join(BASE_COLUMNS)}")
+        if self.label is not None and (not self.label.strip() or self.label in RESERVED_COLUMNS):
+            raise ManifestError(f"--label {self.label!r} must be a name other than {', '.join(RESERVED_COLUMNS)}")
         if not self.negative.strip():
             raise ManifestError("--negative needs a class folder name, e.g. normal")
         if self.patient_pattern is not None:
@@ -90,7 +92,8 @@ class ManifestOptions:
             raise ManifestError(f"--negative applies to --source folder only, not {self.source}")
         table_options = {"--table": self.table, "--path-col": self.path_col, "--patient-col": self.patient_col,
                          "--label-cols": self.label_cols, "--study-col": self.study_col, "--view-col": self.view_col,
-                         "--split-col": self.split_col, "--path-format": self.path_format}
+                         "--split-col": self.split_col, "--path-format": self.path_format,
+                         "--sex-col": self.sex_col, "--age-col": self.age_col}
         if self.source == "table":
             missing = [flag for flag in ("--table", "--path-col", "--patient-col", "--label-cols")
                        if not table_options[flag]]

@@ -2,8 +2,10 @@
 
 One row per selected image, sorted by `key`:
 `key, source, path, patient_id, study_id, view, split` (pandas `str` dtype; `study_id` and `view`
-are missing (NaN, `pd.isna`) where the source has none) and one float32 column per label
-(1.0 positive, 0.0 negative, NaN not usable). The Parquet key-value metadata `b"cxr"` holds the JSON
+are missing (NaN, `pd.isna`) where the source has none), one float32 column per label
+(1.0 positive, 0.0 negative, NaN not usable), then `sex` ("F", "M" or missing, pandas `str`) and `age`
+(float64 years, NaN missing; `manifests.demographics` has the rules). A manifest written before the two
+demographic columns existed reads back with both all missing, so every reader sees them. The Parquet key-value metadata `b"cxr"` holds the JSON
 of `Manifest.meta` (source, labels, options, tool version, raw root), so the file describes itself.
 """
 from __future__ import annotations
@@ -19,9 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.atomic import atomic_path
+from manifests.demographics import DEMOGRAPHIC_COLUMNS, MAX_AGE, SEXES
 from manifests.errors import ManifestError
 
 BASE_COLUMNS: tuple[str, ...] = ("key", "source", "path", "patient_id", "study_id", "view", "split")
+RESERVED_COLUMNS: tuple[str, ...] = (*BASE_COLUMNS, *DEMOGRAPHIC_COLUMNS)   # no label may take these names
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 REJECT_COLUMNS: tuple[str, ...] = ("key", "path", "reason")
 META_KEY = b"cxr"
@@ -30,15 +34,17 @@ KEY_PATTERN = r"[A-Za-z0-9_-]+"
 
 @dataclass
 class Manifest:
-    table: pd.DataFrame        # one row per selected image: BASE_COLUMNS + one float32 column per label
+    table: pd.DataFrame        # one row per image: BASE_COLUMNS, one float32 column per label, sex, age
     labels: list[str]          # ordered label names (= the label columns, in order)
     rejects: pd.DataFrame = field(default_factory=lambda: empty_rejects())  # key, path, reason
     meta: dict = field(default_factory=dict)  # source, labels, options, version, raw root
 
 
 def conform(table: pd.DataFrame, labels: list[str], sort: bool = True) -> pd.DataFrame:
-    """BASE_COLUMNS + labels with the contract's dtypes, then any other columns as they are (e.g. a shard
-    set's `shard`, `shard_index`); sorted by key unless `sort=False`; fresh index."""
+    """BASE_COLUMNS + labels + sex, age with the contract's dtypes, then any other columns as they are (e.g.
+    a shard set's `shard`, `shard_index`); sorted by key unless `sort=False`; fresh index.
+
+    A table without `sex`/`age` (a manifest or shard set written before them) gets both, all missing."""
     missing = [c for c in (*BASE_COLUMNS, *labels) if c not in table.columns]
     if missing:
         raise ManifestError(f"manifest table lacks column(s): {', '.join(missing)}")
@@ -47,6 +53,10 @@ def conform(table: pd.DataFrame, labels: list[str], sort: bool = True) -> pd.Dat
         out[column] = out[column].where(table[column].notna().to_numpy())
     for label in labels:
         out[label] = pd.to_numeric(table[label], errors="raise").astype(np.float32)
+    sex = table["sex"] if "sex" in table.columns else pd.Series(np.nan, index=table.index)
+    out["sex"] = pd.Series(sex.to_numpy(dtype=object), index=table.index, dtype="str").where(sex.notna().to_numpy())
+    age = table["age"] if "age" in table.columns else pd.Series(np.nan, index=table.index)
+    out["age"] = pd.to_numeric(age, errors="raise").astype(np.float64).to_numpy()
     for column in table.columns:
         if column not in out.columns:
             out[column] = table[column].to_numpy()
@@ -73,6 +83,17 @@ def check_table(table: pd.DataFrame, labels: list[str], origin: str = "manifest"
     if bad_split.any():
         row = table[bad_split].iloc[0]
         raise ManifestError(f"{origin}: split {row['split']!r} of key {row['key']!r} is not one of {', '.join(SPLITS)}")
+    if "sex" in table.columns:
+        bad_sex = (table["sex"].notna() & ~table["sex"].isin(SEXES)).to_numpy()
+        if bad_sex.any():
+            row = table[bad_sex].iloc[0]
+            raise ManifestError(f"{origin}: sex {row['sex']!r} of key {row['key']!r} is not F, M or missing")
+    if "age" in table.columns:
+        age = table["age"].to_numpy(dtype=np.float64)
+        bad_age = ~np.isnan(age) & ~((age >= 0) & (age <= MAX_AGE))
+        if bad_age.any():
+            row = table[bad_age].iloc[0]
+            raise ManifestError(f"{origin}: age {row['age']!r} of key {row['key']!r} is not 0-{MAX_AGE:g} years or missing")
 
 
 def audit_leakage(table: pd.DataFrame) -> None:
@@ -95,7 +116,7 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike, sort: bool = Tru
     """Check, audit and write the manifest atomically as Parquet with `b"cxr"` metadata. Returns the path.
 
     Rows are written sorted by key; `sort=False` keeps the table's order (a shard set's manifest is
-    ordered by split and shard). Columns beyond BASE_COLUMNS + labels are kept, after them.
+    ordered by split and shard). Columns beyond BASE_COLUMNS + labels + sex, age are kept, after them.
     """
     table = conform(manifest.table, manifest.labels, sort=sort)
     check_table(table, manifest.labels)
@@ -195,6 +216,28 @@ def split_summary(table: pd.DataFrame, labels: list[str]) -> dict[str, dict]:
             "positives": {label: int(p) for label, p in zip(labels, positives)},
             "prevalence": {label: (float(p) / float(u) if u else 0.0)
                            for label, p, u in zip(labels, positives, usable)},
+        }
+    return summary
+
+
+def demographics_summary(table: pd.DataFrame) -> dict[str, dict]:
+    """Per split: sex counts (F, M, missing) and age summary (known, missing, min, median, max, mean).
+
+    A table without the columns (a manifest written before them) counts every image as missing.
+    """
+    summary = {}
+    for split in SPLITS:
+        rows = table[table["split"] == split]
+        sex = rows["sex"] if "sex" in rows else pd.Series(np.nan, index=rows.index, dtype="str")
+        age = (rows["age"] if "age" in rows else pd.Series(np.nan, index=rows.index)).to_numpy(dtype=np.float64)
+        known = age[~np.isnan(age)]
+        summary[split] = {
+            "sex": {"F": int((sex == "F").sum()), "M": int((sex == "M").sum()), "missing": int(sex.isna().sum())},
+            "age": {"known": int(known.size), "missing": int(age.size - known.size),
+                    "min": float(known.min()) if known.size else None,
+                    "median": float(np.median(known)) if known.size else None,
+                    "max": float(known.max()) if known.size else None,
+                    "mean": float(known.mean()) if known.size else None},
         }
     return summary
 

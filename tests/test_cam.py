@@ -81,16 +81,19 @@ def test_gallery_picks_the_highest_scored_true_and_false_positives():
 
     y = np.array([[1, 0], [0, 1], [1, 1], [0, np.nan], [1, 0], [0, 0]], dtype=np.float32)
     p = np.array([[0.2, 0.9], [0.8, 0.1], [0.9, 0.5], [0.7, 0.3], [0.4, 0.2], [0.1, 0.6]], dtype=np.float32)
-    picks = gallery_picks(y, p, ["A", "B"], n_labels=2, per_kind=2)
-    # A has 3 positives, B 2: A first. TP = y 1 by p desc; FP = y 0 by p desc (NaN is neither)
-    assert picks == [(0, "TP", [2, 4]), (0, "FP", [1, 3]), (1, "TP", [2, 1]), (1, "FP", [0, 5])]
+    picks = gallery_picks(y, p, ["A", "B"], {"A": 0.3, "B": 0.45}, n_labels=2, per_kind=2)
+    # A has 3 positives, B 2: A first. TP = y 1 at or above the threshold, by p desc; FP = y 0 at or above it
+    # (NaN is neither); the count of all of them comes along
+    assert picks == [(0, "TP", [2, 4], 2), (0, "FP", [1, 3], 2), (1, "TP", [2], 1), (1, "FP", [0, 5], 2)]
+    # no threshold chosen on valid: 0.5; a negative scored below it is no false positive (the demo's p = 0.05)
+    assert gallery_picks(y, p, ["A", "B"], None, n_labels=1, per_kind=3) == [(0, "TP", [2], 1), (0, "FP", [1, 3], 2)]
     assert gallery_picks(np.zeros((3, 1), np.float32), np.zeros((3, 1), np.float32), ["A"]) == []
 
 
 def test_eval_gallery_explains_the_shard_pixels_the_model_saw(tmp_path, monkeypatch):
     import trainer.cam as cam
     from cxrshards import H5Split
-    from trainer.evaluate import evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
     from trainer.predict import model_input
 
     from tests.shardset_fixture import make_shard_set

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from tests.shardset_fixture import make_shard_set
 from trainer.config import TrainConfig
-from trainer.evaluate import evaluate_run, metrics_from_predictions
+from trainer.evaluation.pipeline import evaluate_run
+from trainer.metrics import metrics_from_predictions
 
 NIH = ("Atelectasis", "Effusion", "Mass", "No Finding")
 MIMIC = ("Atelectasis", "Pleural Effusion", "Support Devices")
@@ -118,7 +119,7 @@ def test_predictions_equal_a_direct_forward_pass(sets):
     from trainer.predict import model_input
 
     df = pd.read_parquet(sets["run"] / "eval" / "mimic-16" / "predictions.parquet")
-    assert list(df.columns) == ["key", "patient_id", "split", "Atelectasis", "Effusion",
+    assert list(df.columns) == ["key", "patient_id", "split", "set", "view", "sex", "age", "Atelectasis", "Effusion",
                                 "prob_Atelectasis", "prob_Effusion"]
     inf = load_for_inference(sets["run"] / "best.pt")
     split = H5Split(sets["mimic"], "test")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from trainer.evaluate import (
+from trainer.metrics import (
     bootstrap_macro_auroc,
     compute_metrics,
     fast_auroc,
@@ -18,7 +18,7 @@ from trainer.evaluate import (
     youden_threshold,
 )
 from trainer.plots import plot_curves
-from trainer.report import render_markdown, write_report
+from trainer.evaluation.report import render_markdown, write_report
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Hernia", "No Finding"]
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from tests.shardset_fixture import make_shard_set
 from trainer.config import TrainConfig
-from trainer.evaluate import evaluate_run, metrics_from_predictions
+from trainer.evaluation.pipeline import evaluate_run
+from trainer.metrics import metrics_from_predictions
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_evaluate_run_writes_report_equal_to_sklearn(tiny_run):
 
     df = pd.read_parquet(out / "predictions.parquet")
     labels = report["metrics"]["labels"]
-    assert list(df.columns) == ["key", "patient_id", "split", *labels, *[f"prob_{n}" for n in labels]]
+    assert list(df.columns) == ["key", "patient_id", "split", "set", "view", "sex", "age", *labels,
+                                *[f"prob_{n}" for n in labels]]
     assert len(df) == 16 and df["key"].is_monotonic_increasing
     manifest = pd.read_parquet(shard_dir / "manifest.parquet").set_index("key")
     assert (df["patient_id"].to_numpy() == manifest.loc[df["key"], "patient_id"].to_numpy()).all()
@@ -109,12 +111,18 @@ def test_one_line_errors(tiny_run, tmp_path):
 
 def test_eval_keeps_the_views_the_run_trained_on(tiny_run):
     """A run trained with `--views` is evaluated on those views only; views absent from the split are an error."""
-    from trainer.evaluate import EvalError, _view_keys
+    from cxrshards import mix
+    from manifests.labelmap import load_label_map
+    from trainer.evaluation.score import manifest_context, select_keys
 
     root, shard_dir, run = tiny_run
+    sets = mix.resolve_sets([shard_dir], None, load_label_map())
+    context = manifest_context(sets)
     manifest = pd.read_parquet(shard_dir / "manifest.parquet")
-    test_keys = sorted(manifest.loc[manifest["split"] == "test", "key"])
-    assert _view_keys(shard_dir, "test", ()) is None
-    assert sorted(_view_keys(shard_dir, "test", ("PA",))) == test_keys
-    with pytest.raises(EvalError, match="no 'test' images with the run's views AP"):
-        _view_keys(shard_dir, "test", ("AP",))
+    test_keys = sorted(f"{sets[0].name}/{k}" for k in manifest.loc[manifest["split"] == "test", "key"])
+    assert sorted(select_keys(context, "test", ())[0]) == test_keys
+    assert sorted(select_keys(context, "test", ("PA",))[0]) == test_keys
+    assert select_keys(context, "test", ("AP",)) == ([], [])
+    keys, notes = select_keys(context.assign(view=None), "test", ("AP",))
+    assert (sorted(keys), notes) == (test_keys, [f"{sets[0].name} records no views, so all its test "
+                                                                 f"images are used (the run was trained on views AP)"])

@@ -37,7 +37,7 @@ def test_write_then_read_restores_table_labels_and_meta(tmp_path):
     assert ManifestOptions.from_dict(back.meta["options"]) == ManifestOptions(source="cardiomegaly", seed=4)
     stored = json.loads(pq.read_schema(path).metadata[b"cxr"])
     assert stored["labels"] == ["Cardiomegaly"]
-    assert list(back.table.columns) == [*BASE_COLUMNS, "Cardiomegaly"]
+    assert list(back.table.columns) == [*BASE_COLUMNS, "Cardiomegaly", "sex", "age"]
     assert back.table["Cardiomegaly"].dtype == np.float32
     assert not list((tmp_path / "out").glob(".*tmp"))        # atomic: no temporary left behind
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import cxrshards
 from tests.shardset_fixture import expected_pixels, make_shard_set
 from trainer.config import TrainConfig
-from trainer.evaluate import bootstrap_macro_auroc, evaluate_run
+from trainer.evaluation.pipeline import evaluate_run
+from trainer.metrics import bootstrap_macro_auroc
 from trainer.loop import predict
 from trainer.models import build_model
 

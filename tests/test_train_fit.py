@@ -76,7 +76,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_run_folder_and_checkpoint_contents(shard_set, tmp_path):
     run = fit(small(shard_set, tmp_path / "run", epochs=1, loss="focal", workers=1))
-    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.csv", "last.pt", "best.pt", "card.json"}
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.csv", "last.pt", "best.pt", "cards"}
     cfg = json.loads((run / "config.json").read_text())
     assert TrainConfig.from_dict(cfg) == small(shard_set, tmp_path / "run", epochs=1, loss="focal", workers=1)
     ck = torch.load(run / "last.pt", weights_only=True)
@@ -90,7 +90,7 @@ def test_run_folder_and_checkpoint_contents(shard_set, tmp_path):
     for col in ("train_loss", "val_loss", "val_auroc_macro", "val_auroc_micro", "lr", "samples_per_s",
                 "data_wait_frac"):
         assert np.isfinite(float(row[col])), col
-    assert (run / "card.json").read_bytes() == (shard_set / "dataset.json").read_bytes()
+    assert (run / "cards" / f"{shard_set.name}.json").read_bytes() == (shard_set / "dataset.json").read_bytes()
 
 
 def test_resume_is_bit_exact(shard_set, tmp_path):
@@ -140,7 +140,7 @@ def test_per_label_cap_holds_each_epoch(shard_set, tmp_path, monkeypatch):
     labels = ["Atelectasis", "Cardiomegaly", "No Finding"]
     for epoch, keys in enumerate(seen):
         assert len(keys) == len(set(keys))
-        assert sorted(keys) == sorted(cap_sample(table, labels, cap, 3, epoch))
+        assert sorted(keys) == sorted(f"{shard_set.name}/{k}" for k in cap_sample(table, labels, cap, 3, epoch))
         # the seed's rule: each label (and the no-positive group) contributes at most `cap` rows
         assert len(keys) <= cap * (len(labels) + 1) < (table["split"] == "train").sum()
     assert seen[0] != seen[1]                                 # a fresh draw each epoch

@@ -80,7 +80,10 @@ def metrics(run: Path) -> list[dict]:
 
 def test_union_labels_nan_for_a_missing_label_and_no_loss_from_it(sets):
     ms = resolved(sets)
-    assert mix.union_labels(ms) == UNION
+    assert mix.run_labels(ms) == mix.RunLabels(UNION, UNION)
+    # each label is named as the first set holding it names it: MIMIC first keeps its Pleural Effusion
+    assert mix.run_labels(ms[::-1]) == mix.RunLabels(["Atelectasis", "Pleural Effusion", "Edema", "No Finding"],
+                                                     ["Atelectasis", "Effusion", "Edema", "No Finding"])
     stream = mix.open_mix(ms, "train", UNION, shuffle=False, batch_size=36, rank=0, world_size=1)
     images, y, keys = next(iter(stream))
     assert len(keys) == 36 and len(set(keys)) == 36 and {k.split("/")[0] for k in keys} == {"nih-32", "mimic-32"}
@@ -253,7 +256,7 @@ def test_eval_of_a_multiset_run_per_set_and_pooled_equal_sklearn(sets, selected_
     report = json.loads((out / "report.json").read_text())
     df, labels = read_predictions(out / "predictions.parquet")
     assert labels == UNION and len(df) == 8 + 6
-    parts = {"nih-32": df[df["key"].str.startswith("nih-32/")], "mimic-32": df[df["key"].str.startswith("mimic-32/")]}
+    parts = {"nih-32": df[df["set"] == "nih-32"], "mimic-32": df[df["set"] == "mimic-32"]}
     assert {n: len(p) for n, p in parts.items()} == {"nih-32": 8, "mimic-32": 6}
     assert parts["mimic-32"]["No Finding"].isna().all()
     for name, part, m in [(n, p, report["per_set"][n]["metrics"]) for n, p in parts.items()] + \
@@ -274,14 +277,17 @@ def test_eval_of_a_multiset_run_per_set_and_pooled_equal_sklearn(sets, selected_
 
 
 def test_external_eval_of_a_multiset_run_compares_with_its_pooled_test(sets, selected_run):
-    from trainer.evaluate import evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
 
-    assert not (selected_run / "eval").exists()
+    assert not (selected_run / "eval" / "report.json").exists()
     first = evaluate_run(selected_run, shards=str(sets["chex"]), device="cpu", n_boot=20)
-    own = json.loads((selected_run / "eval" / "report.json").read_text())   # evaluated first, then used
+    assert not (selected_run / "eval" / "report.json").exists()              # RUN/eval is never written by it
+    assert "predicted on the run's own shard sets (nih-32+mimic-32)" == first["external"]["internal"]["source"]
+    own = evaluate_run(selected_run, device="cpu", n_boot=20)
     assert sorted(own["per_set"]) == ["mimic-32", "nih-32"]
     again = evaluate_run(selected_run, shards=str(sets["chex"]), device="cpu", n_boot=20)
     assert "reused" in again["external"]["internal"]["source"]
+    assert again["external"]["comparison"] == first["external"]["comparison"]
     for report in (first, again):
         ext = report["external"]
         assert [(m["shared"], m["set"]) for m in ext["labels"]["matched"]] == [("Effusion", "Pleural Effusion")]

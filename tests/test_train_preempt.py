@@ -126,8 +126,8 @@ def test_set_start_gives_the_rest_of_the_epoch_and_reads_none_of_the_rest(sets, 
     one = lambda fmt: cxrshards.open_shards(sets["one"], "train", format=fmt, batch_size=4, epoch=1,  # noqa: E731
                                             shuffle_buffer=6, rank=0, world_size=1)
     streams = {"one-32/": one("wds"), "hdf5/": one("hdf5"),
-               "": mix.open_mix(ms, "train", mix.union_labels(ms), mix="2,1", format="wds", batch_size=4, epoch=1,
-                                shuffle_buffer=5, rank=0, world_size=1)}
+               "": mix.open_mix(ms, "train", mix.run_labels(ms).shared, mix="2,1", format="wds", batch_size=4,
+                                epoch=1, shuffle_buffer=5, rank=0, world_size=1)}
     real = reader_module.ShardStream._wds_records
     read: set[str] = set()
 

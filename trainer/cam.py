@@ -5,7 +5,7 @@ The rules:
   as they are: the target layer is the last block of the backbone (ResNet `layer4[-1]`, DenseNet
   `features.norm5`); the target is the label's own logit (sigmoid heads), the positive class's logit
   (2-logit softmax heads) or the single logit (1-logit binary heads).
-- The input is the normalised tensor `trainer.predict.model_input` makes, the one `cxr predict` and
+- The input is the normalised tensor `trainer.inputs.model_input` makes, the one `cxr predict` and
   `trainer.loop.predict` feed the model, so a heatmap explains the probability printed beside it.
 - A heatmap is [S,S] in 0..1 (GradCAM's own per-image min-max scaling), resized to the input size.
 - Figures (`cam_figure`): the stored 8-bit image, then one panel per label with the heatmap over it and
@@ -98,51 +98,66 @@ def choose_labels(labels: Sequence[str], probs: np.ndarray, wanted: Sequence[str
     return [int(j) for j in order[:top]]
 
 
-def gallery_picks(y: np.ndarray, p: np.ndarray, labels: Sequence[str], n_labels: int = 3,
-                  per_kind: int = 3) -> list[tuple[int, str, list[int]]]:
-    """For the `n_labels` labels with the most positives: (label index, "TP" | "FP", row indices) of the
-    highest-scored true positives (y = 1) and false positives (y = 0), `per_kind` each, best first."""
+def gallery_picks(y: np.ndarray, p: np.ndarray, labels: Sequence[str], thresholds: dict | None = None,
+                  n_labels: int = 3, per_kind: int = 3) -> list[tuple[int, str, list[int], int]]:
+    """For the `n_labels` labels with the most positives: (label index, "TP" | "FP", row indices, how many there
+    are) of the highest-scored true positives (y = 1) and false positives (y = 0) scored at or above the label's
+    threshold (chosen on valid; 0.5 without one), at most `per_kind` each, best first."""
     positives = np.nansum(y == 1.0, axis=0)
     order = [int(j) for j in np.argsort(-positives, kind="stable") if positives[j] > 0][:n_labels]
     picks = []
     for j in order:
+        threshold = (thresholds or {}).get(labels[j])
+        threshold = 0.5 if threshold is None else threshold
         for kind, value in (("TP", 1.0), ("FP", 0.0)):
-            rows = np.flatnonzero(y[:, j] == value)
-            rows = rows[np.argsort(-p[rows, j], kind="stable")][:per_kind]
-            picks.append((j, kind, [int(r) for r in rows]))
+            rows = np.flatnonzero((y[:, j] == value) & (p[:, j] >= threshold))
+            rows = rows[np.argsort(-p[rows, j], kind="stable")]
+            picks.append((j, kind, [int(r) for r in rows[:per_kind]], len(rows)))
     return picks
 
 
-def write_gallery(loaded, shard_dir, split: str, keys: Sequence[str], y: np.ndarray, p: np.ndarray,
-                  labels: Sequence[str], path: str | Path, n_labels: int = 3, per_kind: int = 3) -> Path | None:
-    """`gallery.png` of an evaluation: per label (most positives first) a row of its highest-scored true
-    positives and a row of its highest-scored false positives, each with its Grad-CAM heatmap and
-    probability. The pixels are the shard set's, normalised as the run's model saw them. None when no
-    label has a positive."""
-    import matplotlib
+def write_gallery(loaded, sets, split: str, shared: Sequence[str], df, labels: Sequence[str],
+                  thresholds: dict | None, path: str | Path, n_labels: int = 3, per_kind: int = 3) -> Path | None:
+    """`gallery.png` of an evaluation (its predictions table `df`, labels as reported): per label (most positives
+    first) a row of its highest-scored true positives and a row of its highest-scored false positives, both at or
+    above the label's threshold, each with its Grad-CAM heatmap and probability; a row with fewer than
+    `per_kind` says how many there are. The pixels are the shard sets' (read as the evaluation read them, labels
+    in the run's `shared` names), normalised as the run's model saw them. None when no label has a positive."""
+    from cxrshards import mix
+    from trainer.inputs import model_input
+    from trainer.metrics import frame_arrays
+    from trainer.plots import pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    from cxrshards import open_shards
-    from trainer.predict import model_input
-
-    picks = [pick for pick in gallery_picks(y, p, labels, n_labels, per_kind) if pick[2]]
+    y, p = frame_arrays(df, labels)
+    picks = gallery_picks(y, p, labels, thresholds, n_labels, per_kind)
     if not picks:
         return None
-    wanted = sorted({keys[r] for _, _, rows in picks for r in rows})
-    pixels = {key: img[0].numpy() for img, _, key in open_shards(shard_dir, split, shuffle=False, keys=wanted)}
+    keys = (df["set"].astype(str) + mix.SEP + df["key"].astype(str)).tolist()
+    wanted = sorted({keys[r] for _, _, rows, _ in picks for r in rows})
+    having = [s for s in sets if any(k.startswith(s.name + mix.SEP) for k in wanted)]
+    pixels = {}
+    if having:
+        stream = mix.open_mix(having, split, list(shared), shuffle=False, keys=wanted, rank=0, world_size=1)
+        pixels = {key: img[0].numpy() for img, _, key in stream}
     inf = loaded.inference
+    plt = pyplot()
     fig, axes = plt.subplots(len(picks), per_kind, figsize=(2.4 * per_kind, 2.7 * len(picks)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for line, (j, kind, rows) in enumerate(picks):
+    run_labels = list(inf.labels)
+    for line, (j, kind, rows, total) in enumerate(picks):
+        threshold = (thresholds or {}).get(labels[j])
+        at = f">= {0.5 if threshold is None else threshold:.3f}"
+        if len(rows) < per_kind:
+            axes[line, len(rows)].text(0.0, 0.5, f"{labels[j]} {kind}: {total} scored {at}" + ("" if total else "\n(none)"),
+                                       fontsize=7, va="center", transform=axes[line, len(rows)].transAxes)
         for col, r in enumerate(rows):
             image = pixels[keys[r]]
             x = model_input(image, inf.mean, inf.std).to(loaded.device)
-            heat = gradcam(inf.model, x, [output_index(inf.head, j)])[0]
+            output = run_labels.index(labels[j]) if labels[j] in run_labels else list(shared).index(labels[j])
+            heat = gradcam(inf.model, x, [output_index(inf.head, output)])[0]
             ax = axes[line, col]
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-            ax.set_title(f"{labels[j]} {kind} p={p[r, j]:.3f}\n{keys[r]}", fontsize=6)
+            ax.set_title(f"{labels[j]} {kind} p={p[r, j]:.3f} ({at})\n{df['key'].iloc[r]}", fontsize=6)
     return save_figure(fig, path)

@@ -2,8 +2,11 @@
 `torch.load(weights_only=True)`.
 
 Keys: model, optimizer, scheduler, scaler, epoch (epochs completed), step (optimizer steps done),
-rng, config (TrainConfig as dict), labels, task, head ("sigmoid" | "softmax"), card_sha256,
-best_metric, best_epoch, normalize ([mean, std] used), world_size, version.
+rng, config (TrainConfig as dict), labels, task, head ("sigmoid" | "softmax"), card_sha256 (`sets_sha256` of
+the sets' card sha256s), sets ([{name, path, source, card_sha256, labels}], one per shard set), shared_labels,
+label_map, best_metric, best_epoch, normalize ([mean, std] used), world_size, version.
+Release 0.1 wrote a one-set run's checkpoint without `sets`, with `card_sha256` its one card's sha256:
+`trained_card_shas` reads both.
 """
 from __future__ import annotations
 
@@ -29,6 +32,19 @@ class CheckpointError(CxrError):
 def card_sha256(shard_dir: str | Path) -> str:
     """sha256 of the shard set's card (dataset.json bytes)."""
     return hashlib.sha256((Path(shard_dir) / CARD).read_bytes()).hexdigest()
+
+
+def sets_sha256(card_shas: list[str]) -> str:
+    """A run's identity over its shard sets: sha256 of their card sha256s, one per line, in the run's order."""
+    return hashlib.sha256("".join(sha + "\n" for sha in card_shas).encode()).hexdigest()
+
+
+def trained_card_shas(state: dict[str, Any]) -> list[str]:
+    """The card sha256 of each shard set a checkpoint was trained on, in the run's order."""
+    sets = state.get("sets")
+    if sets:
+        return [str(s.get("card_sha256")) for s in sets]
+    return [str(state.get("card_sha256"))]   # release 0.1, one set: its card's own sha256
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

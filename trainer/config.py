@@ -87,7 +87,7 @@ class TrainConfig:
     log_every: float = 30.0                 # seconds between progress lines when output is not a terminal
 
     # --- run folder
-    out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, card.json
+    out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, cards/NAME.json
     resume: str | None = None               # None | "last" (OUT/last.pt) | path to a checkpoint
     save_every: float = 10.0                # minutes between last.pt saves inside an epoch; 0 = epoch ends only
 

@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     from cxrshards.sheet import contact_sheet
     from manifests.options import ManifestOptions
     from trainer.config import TrainConfig
-    from trainer.evaluate import evaluate_run
+    from trainer.evaluation.pipeline import evaluate_run
     from trainer.fitting import fit
 
     cfg = config or DemoConfig(**overrides)
@@ -148,7 +148,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     t0 = step(3, f"Training {cfg.model} from scratch on the NIH phantoms, {cfg.epochs} epochs (`cxr train`)")
     fit(TrainConfig(shards=str((shard_root / cards['nih']['name']).resolve()), out=str(runs["nih"]),
                     epochs=cfg.epochs, **common), log=lambda m: echo(f"      {m}"))
-    echo(f"      {runs['nih']}/: config.json, metrics.csv, curves.png, tb/ (TensorBoard), best.pt, last.pt, card.json")
+    echo(f"      {runs['nih']}/: config.json, metrics.csv, curves.png, tb/ (TensorBoard), best.pt, last.pt, cards/")
     done("train_nih", t0)
 
     # 4. fine-tuning on cardiomegaly
@@ -165,7 +165,8 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     reports = {}
     for name in ("nih", "cardiomegaly"):
         reports[name] = evaluate_run(runs[name], device=cfg.device, n_boot=cfg.n_boot, workers=cfg.workers)
-        echo(f"      {runs[name]}/eval/: report.md, report.json, predictions.parquet, roc.png, pr.png, gallery.png")
+        echo(f"      {runs[name]}/eval/: report.html (open it in a browser), report.md, report.json, "
+             f"predictions.parquet, roc.png, pr.png, gallery.png")
     done("eval", t0)
 
     # 6. external validation
@@ -177,7 +178,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     labels = reports["nih_on_mimic"]["external"]["labels"]
     echo(f"      matched through the shared names: "
          + ", ".join(m["shared"] + (f" (MIMIC {m['set']})" if m["set"] != m["shared"] else "") for m in labels["matched"]))
-    echo(f"      {runs['nih']}/eval/{mimic_set}/: report.md (internal vs external table), predictions.parquet")
+    echo(f"      {runs['nih']}/eval/{mimic_set}/: report.html, report.md (internal vs external table), predictions.parquet")
     done("external", t0)
 
     total = round(time.perf_counter() - started, 1)

@@ -1,12 +1,11 @@
 """`fit(config) -> run dir`: the whole of `cxr train`, from a shard set to checkpoints and metrics.
 
-Reads: the shard set's card (labels, pixel stats) and, for the per-label cap or pos_weight, its
-manifest. Writes (rank 0 only): RUN/config.json, card.json, metrics.csv, last.pt (every epoch),
-best.pt (best validation macro AUROC), all atomically.
-Several shard sets (`--shards A,B`) are read as one by `cxrshards.mix` (its rules: labels in shared names,
-the --mix, pooled normalisation); such a run writes RUN/cards/NAME.json per set instead of card.json,
-validates on each set's valid split and on the pooled one, and picks best.pt on the pooled macro AUROC
-(or --select-on NAME's).
+Reads: the shard sets' cards (labels, pixel stats) and, for the per-label cap, pos_weight or --views, their
+manifests. The sets (`--shards A[,B...]`) are read as one by `cxrshards.mix` (its rules: labels met through
+shared names, the --mix, pooled normalisation); one set is a mix of one and reads exactly as that set alone.
+Writes (rank 0 only), all atomically: RUN/config.json, RUN/cards/NAME.json per set, metrics.csv (a
+`val_auroc_macro_NAME` column per set beside the pooled `val_auroc_macro`), last.pt (every epoch), best.pt
+(best pooled valid macro AUROC, or --select-on NAME's).
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ from manifests.table import read_manifest
 from trainer import distributed
 from trainer.augment import AugmentSpec
 from trainer.checkpoint import (CheckpointError, card_sha256, load_checkpoint, restore_rng, rng_state,
-                                save_checkpoint)
+                                save_checkpoint, sets_sha256, trained_card_shas)
 from trainer.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from trainer.preempt import Preemption, Stop, exit_status, resume_line, stop_line
 from trainer.watch import Progress, TensorBoard, plot_training_curves
@@ -68,17 +67,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def resolve_labels(card_labels: list[str], wanted: tuple[str, ...]) -> tuple[list[str], list[int] | None]:
-    """(label names trained, their column indices in the card; None = all, in card order)."""
-    if not wanted:
-        return list(card_labels), None
-    unknown = [w for w in wanted if w not in card_labels]
-    if unknown:
-        raise ConfigError(f"--labels: {unknown[0]!r} is not a label of this shard set "
-                          f"(it has: {', '.join(card_labels)})")
-    return list(wanted), [card_labels.index(w) for w in wanted]
-
-
 def resolve_task(task: str, loss: str, n_labels: int) -> tuple[str, str, int]:
     """(task, head, number of logits)."""
     if task == "auto":
@@ -92,98 +80,75 @@ def resolve_task(task: str, loss: str, n_labels: int) -> tuple[str, str, int]:
     return task, "sigmoid", n_labels
 
 
-def _normalisation(cfg: TrainConfig, card: dict) -> tuple[float, float]:
-    if cfg.normalize is not None:
-        return float(cfg.normalize[0]), float(cfg.normalize[1])
-    mean, std = card.get("pixel_mean"), card.get("pixel_std")
-    if mean is None or not std:
-        raise ConfigError("the shard card has no pixel_mean/pixel_std: pass --normalize MEAN,STD (e.g. 0.5,0.5)")
-    return float(mean), float(std)
-
-
-def _select_views(table, views: tuple[str, ...], shard_dir: Path):
-    """The manifest rows whose view is in `views` (all rows when empty); CxrError if train or valid is left empty."""
+def _select_views(table, views: tuple[str, ...], name: str):
+    """The rows whose view is in `views` (all rows when empty); CxrError if train or valid is left empty."""
     if not views:
         return table
     kept = table[table["view"].isin(views)]
     for split in ("train", "valid"):
         if not (kept["split"] == split).any():
             present = sorted(str(v) for v in table["view"].dropna().unique())
-            raise ConfigError(f"--views {','.join(views)}: no {split} rows of {shard_dir.name} have these views "
+            raise ConfigError(f"--views {','.join(views)}: no {split} rows of {name} have these views "
                               f"(views present: {', '.join(present) or 'none'})")
     return kept
 
 
 @dataclass
 class RunData:
-    """Where a run's samples come from: one shard set, or several read as one (`cxrshards.mix`)."""
-    labels: list[str]                # the run's labels: the card's names (one set), shared names (several)
-    label_index: list[int] | None    # columns of the stream's labels trained on; None: all, as yielded
-    shared_labels: list[str]         # the run's labels in shared names
+    """Where a run's samples come from: its shard sets read as one (`cxrshards.mix`; one set is a mix of one)."""
+    sets: list[mix.MixSet]
+    labels: mix.RunLabels            # the run's label names, and the same labels in shared names
     mean: float
     std: float
-    sha: str                         # the card's sha256, or sha256 of the sets' card sha256s (one per line)
-    name: str                        # for the log
-    shard_dir: Path | None           # one set
-    sets: list[mix.MixSet] | None    # several sets
+
+    @property
+    def name(self) -> str:           # for the log
+        return "+".join(s.name for s in self.sets)
+
+    @property
+    def card_shas(self) -> list[str]:
+        return [card_sha256(s.shard_dir) for s in self.sets]
 
     def table(self, views: tuple[str, ...]):
-        """Manifest rows (views applied): the per-label cap and pos_weight draw on them."""
-        if self.sets is None:
-            return _select_views(read_manifest(self.shard_dir / "manifest.parquet").table, views, self.shard_dir)
-        combined = mix.combined_table(self.sets, self.labels)
+        """The sets' manifest rows (`mix.combined_table`, keys NAME/KEY), --views applied per set: the per-label
+        cap and pos_weight draw on them."""
         import pandas as pd
 
-        return pd.concat([_select_views(combined[combined["set"] == s.name], views, s.shard_dir)
-                          for s in self.sets], ignore_index=True)
+        combined = mix.combined_table(self.sets, self.labels)
+        return pd.concat([_select_views(combined[combined["set"] == s.name], views, s.name) for s in self.sets],
+                         ignore_index=True)
 
-    def open(self, cfg: TrainConfig, split: str, **kwargs):
-        if self.sets is None:
-            return cxrshards.open_shards(self.shard_dir, split, **kwargs)
-        if kwargs.pop("decode", "cpu") != "cpu":
-            raise ConfigError("--decode gpu reads one shard set; a run over several decodes on the CPU")
-        return mix.open_mix(self.sets, split, self.labels, mix=cfg.mix if split == "train" else "proportional",
-                            **{k: v for k, v in kwargs.items() if k != "root"})
+    def open(self, cfg: TrainConfig, split: str, **kwargs) -> mix.MixedStream:
+        return mix.open_mix(self.sets, split, self.labels.shared,
+                            mix=cfg.mix if split == "train" else "proportional", **kwargs)
 
     def write_cards(self, run_dir: Path) -> None:
-        if self.sets is None:
-            with atomic_path(run_dir / "card.json") as tmp:
-                shutil.copyfile(self.shard_dir / "dataset.json", tmp)
-            return
         (run_dir / "cards").mkdir(exist_ok=True)
         for s in self.sets:
             with atomic_path(run_dir / "cards" / f"{s.name}.json") as tmp:
                 shutil.copyfile(s.shard_dir / "dataset.json", tmp)
 
     def checkpoint_fields(self, label_map: LabelMap) -> dict[str, Any]:
-        fields = {"shared_labels": self.shared_labels, "label_map": label_map.to_rows()}
-        if self.sets is not None:
-            fields["sets"] = [{"name": s.name, "path": str(s.shard_dir), "source": s.source,
-                               "card_sha256": card_sha256(s.shard_dir), "labels": list(s.card["labels"])}
-                              for s in self.sets]
-        return fields
+        shas = self.card_shas
+        return {"labels": self.labels.names, "shared_labels": self.labels.shared, "label_map": label_map.to_rows(),
+                "card_sha256": sets_sha256(shas),
+                "sets": [{"name": s.name, "path": str(s.shard_dir), "source": s.source, "card_sha256": sha,
+                          "labels": s.labels} for s, sha in zip(self.sets, shas)]}
 
 
 def run_data(cfg: TrainConfig, label_map: LabelMap) -> RunData:
-    """Labels, normalisation and card identity of the run's shard set(s)."""
-    if len(cfg.shards) > 1:
-        sets = mix.resolve_sets(cfg.shards, cfg.root, label_map, cache=cfg.cache, cache_gb=cfg.cache_gb)
-        if cfg.select_on is not None and cfg.select_on not in [s.name for s in sets]:
-            raise ConfigError(f"--select-on {cfg.select_on!r}: not one of this run's shard sets "
-                              f"({', '.join(s.name for s in sets)})")
-        labels = mix.union_labels(sets, cfg.labels)
-        mean, std = (float(cfg.normalize[0]), float(cfg.normalize[1])) if cfg.normalize is not None \
-            else mix.pooled_normalisation(sets)
-        sha = hashlib.sha256("".join(card_sha256(s.shard_dir) + "\n" for s in sets).encode()).hexdigest()
-        return RunData(labels, None, list(labels), mean, std, sha, "+".join(s.name for s in sets), None, sets)
-    shard_dir = cxrshards.resolve_shard_dir(cfg.shards[0], cfg.root, cache=cfg.cache, cache_gb=cfg.cache_gb)
-    card = cxrshards.read_card(shard_dir)
-    labels, label_index = resolve_labels(list(card["labels"]), cfg.labels)
-    mean, std = _normalisation(cfg, card)
-    if not card.get("splits", {}).get("valid", {}).get("count", 1):
-        raise CxrError(f"shard set {shard_dir} has no valid samples: validation needs the valid split")
-    shared = label_map.shared_labels(str(card.get("source", "")), labels)
-    return RunData(labels, label_index, shared, mean, std, card_sha256(shard_dir), shard_dir.name, shard_dir, None)
+    """The run's shard sets, labels and normalisation."""
+    sets = mix.resolve_sets(cfg.shards, cfg.root, label_map, cache=cfg.cache, cache_gb=cfg.cache_gb)
+    if cfg.select_on is not None and cfg.select_on not in [s.name for s in sets]:
+        raise ConfigError(f"--select-on {cfg.select_on!r}: not one of this run's shard sets "
+                          f"({', '.join(s.name for s in sets)})")
+    for s in sets:
+        if not s.card.get("splits", {}).get("valid", {}).get("count", 1):
+            raise CxrError(f"shard set {s.shard_dir} has no valid samples: validation needs the valid split")
+    labels = mix.run_labels(sets, cfg.labels)
+    mean, std = (float(cfg.normalize[0]), float(cfg.normalize[1])) if cfg.normalize is not None \
+        else mix.pooled_normalisation(sets)
+    return RunData(sets, labels, mean, std)
 
 
 def _config_changes(old: dict, new: TrainConfig) -> list[str]:
@@ -191,15 +156,16 @@ def _config_changes(old: dict, new: TrainConfig) -> list[str]:
     return [k for k in now if k not in RESUMABLE_CHANGES and k in old and old[k] != now[k]]
 
 
-def _check_resume(state: dict, cfg: TrainConfig, sha: str, labels: list[str], data: RunData) -> None:
+def _check_resume(state: dict, cfg: TrainConfig, data: RunData) -> None:
     where = state["path"]
-    if state.get("card_sha256") != sha:
-        cards = data.shard_dir / "dataset.json" if data.sets is None else f"the cards of {data.name}"
-        raise CheckpointError(f"{where} was trained on another shard set: its card sha256 is "
-                              f"{str(state.get('card_sha256'))[:12]}..., {cards} has {sha[:12]}...")
-    if list(state["labels"]) != labels:
+    trained, now = trained_card_shas(state), data.card_shas
+    if trained != now:
+        raise CheckpointError(f"{where} was trained on another shard set: card sha256 "
+                              f"{', '.join(t[:12] + '...' for t in trained)}, the cards of {data.name} have "
+                              f"{', '.join(n[:12] + '...' for n in now)}")
+    if list(state.get("shared_labels") or state["labels"]) != data.labels.shared:
         raise CheckpointError(f"{where} was trained on labels {', '.join(state['labels'])}, this run has "
-                              f"{', '.join(labels)}")
+                              f"{', '.join(data.labels.names)}")
     changed = _config_changes(state["config"], cfg)
     if changed:
         k = changed[0]
@@ -298,10 +264,10 @@ class Validation:
 
 
 def validate(model: nn.Module, loader, loss_fn, device: torch.device, *, head: str, mean: float, std: float,
-             label_index, precision: str, channels_last: bool, sets: list[str] | None = None) -> Validation:
+             precision: str, channels_last: bool, sets: list[str]) -> Validation:
     """Loss and AUROC on the valid split (every rank's rows gathered, so all ranks get the same numbers).
-    `sets`: the set names of a mixed stream (keys NAME/KEY); each gets its own macro AUROC too."""
-    logits, y, keys = predict_logits(model, loader, device, mean=mean, std=std, label_index=label_index,
+    `sets`: the set names of the mixed stream (keys NAME/KEY); each gets its own macro AUROC too."""
+    logits, y, keys = predict_logits(model, loader, device, mean=mean, std=std,
                                      precision=precision, channels_last=channels_last)
     if not len(y):
         return Validation(float("nan"), float("nan"), float("nan"), np.full(0, np.nan), 0)
@@ -309,10 +275,8 @@ def validate(model: nn.Module, loader, loss_fn, device: torch.device, *, head: s
     if not np.isfinite(probs).all():   # diverged: no metrics; the epoch loop stops the run with its context
         return Validation(float("nan"), float("nan"), float("nan"), np.full(len(y_np[0]), np.nan), len(y_np),
                           y=y_np, probs=probs)
-    per_set = {}
-    if sets:
-        of = np.array([mix.split_key(k)[0] for k in keys])
-        per_set = {name: macro_auroc(y_np[of == name], probs[of == name]) for name in sets}
+    of = np.array([mix.split_key(k)[0] for k in keys])
+    per_set = {name: macro_auroc(y_np[of == name], probs[of == name]) for name in sets}
     return Validation(loss=float(loss_fn(logits, y).item()), macro=macro_auroc(y_np, probs),
                       micro=micro_auroc(y_np, probs), per_label=auroc_per_label(y_np, probs), samples=len(y_np),
                       per_set=per_set, y=y_np, probs=probs)
@@ -370,8 +334,8 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     run_dir = Path(cfg.out)
     label_map = load_label_map(cfg.label_map)
     data = run_data(cfg, label_map)
-    sha, labels, label_index, mean, std = data.sha, data.labels, data.label_index, data.mean, data.std
-    task, head, n_outputs = resolve_task(cfg.task, cfg.loss, len(labels))
+    mean, std = data.mean, data.std
+    task, head, n_outputs = resolve_task(cfg.task, cfg.loss, len(data.labels.names))
 
     # -- resume or fresh start
     state = None
@@ -381,10 +345,13 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
             raise CheckpointError(f"nothing to resume in {run_dir}: no checkpoint at {ckpt}; start the run "
                                   f"without --resume" if cfg.resume == "last" else f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
-        _check_resume(state, cfg, sha, labels, data)
+        _check_resume(state, cfg, data)
         _check_position(state, cfg, info, log)
+        data.labels = mix.RunLabels(list(state["labels"]), data.labels.shared)   # the run keeps its own names
     elif (run_dir / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it or pick another --out")
+
+    labels = data.labels.names
 
     # -- model, stage, optimizer
     model = build_model(cfg.model, n_outputs, seed=cfg.seed)
@@ -424,7 +391,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
         pos_weight = torch.from_numpy(pos_weight_from_table(table, labels))
         log("pos_weight: " + ", ".join(f"{n}={w:.3g}" for n, w in zip(labels, pos_weight.tolist())))
     loss_fn = make_loss(cfg.loss, pos_weight=pos_weight, gamma=cfg.focal_gamma, alpha=cfg.focal_alpha)
-    common = dict(root=None, format=cfg.format, seed=cfg.seed, batch_size=cfg.batch_size,
+    common = dict(format=cfg.format, seed=cfg.seed, batch_size=cfg.batch_size,
                   rank=info.rank, world_size=info.world_size)
     if cfg.decode == "gpu" and device.type != "cuda":
         raise ConfigError(f"--decode gpu decodes JPEGs on the GPU, but the device is {device}: use --decode cpu")
@@ -476,7 +443,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
             "scheduler": schedule_state(cfg, steps_done, epochs_done + batches_done / max(batches, 1), stats.lr),
             "scaler": scaler.state_dict(), "epoch": epochs_done, "step": steps_done, **position, "rng": rng_state(),
             "config": dataclasses.replace(cfg, resume=None).to_dict(),
-            "labels": labels, "task": task, "head": head, "card_sha256": sha,
+            "task": task, "head": head,
             "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
             "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
             **data.checkpoint_fields(label_map),
@@ -534,7 +501,7 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
             progress.start_epoch(epoch, batches)
             stats: EpochStats = train_one_epoch(
                 net, train_loader, optimizer, loss_fn, device, epoch=epoch, start_step=step, lr_at=lr_at,
-                augment=spec, seed=cfg.seed, rank=info.rank, label_index=label_index, precision=cfg.precision,
+                augment=spec, seed=cfg.seed, rank=info.rank, precision=cfg.precision,
                 scaler=scaler, channels_last=cfg.channels_last, set_train_mode=train_mode, on_batch=on_batch,
                 on_inputs=None if board.inputs_done else board.inputs, start_batch=skip, carry=carry,
                 after_step=after_step)
@@ -544,9 +511,8 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
             if stats.batches < batches:
                 raise stopping(epoch, stats.batches, batches, preempt.signum)
             distributed.average_buffers(model)
-            val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std, label_index=label_index,
-                           precision=cfg.precision, channels_last=cfg.channels_last,
-                           sets=[s.name for s in data.sets] if data.sets else None)
+            val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std,
+                           precision=cfg.precision, channels_last=cfg.channels_last, sets=[s.name for s in data.sets])
             if val.probs is not None and not np.isfinite(val.probs).all():
                 raise DivergenceError(divergence_message("a validation output", epoch, step - 1, stats.lr,
                                                          float(val.probs[~np.isfinite(val.probs)][0])))

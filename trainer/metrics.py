@@ -7,7 +7,7 @@
 - The bootstrap resamples patients (all their images together) from `numpy.random.default_rng(seed)`.
 - Prediction tables (`predictions.parquet`): key, patient_id, split, one true-label column per label,
   one `prob_LABEL` column per label, rows sorted by key.
-No torch import: `trainer.evaluate` does the loading and predicting.
+No torch import: `trainer.evaluation` does the loading and predicting.
 """
 from __future__ import annotations
 
@@ -370,6 +370,14 @@ def read_predictions(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     return df, labels
 
 
+def patient_keys(df: pd.DataFrame) -> list[str]:
+    """Who each row's patient is, for the patient bootstrap: `SET/PATIENT_ID` (patients of two shard sets never
+    merge); a predictions file of release 0.1 has no `set` column and its ids as written."""
+    if "set" not in df.columns:
+        return df["patient_id"].astype(str).tolist()
+    return (df["set"].astype(str) + "/" + df["patient_id"].astype(str)).tolist()
+
+
 def frame_arrays(df: pd.DataFrame, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     y = df[list(labels)].to_numpy(np.float64)
     p = df[[PROB_PREFIX + n for n in labels]].to_numpy(np.float64)
@@ -392,5 +400,5 @@ def metrics_from_predictions(
             raise EvalError(f"{valid_predictions} has labels {vlabels}, {predictions} has {labels}")
         thresholds = youden_thresholds(*frame_arrays(vdf, labels), labels)
     y, p = frame_arrays(df, labels)
-    return compute_metrics(y, p, labels, patient_ids=df["patient_id"].astype(str).tolist(),
+    return compute_metrics(y, p, labels, patient_ids=patient_keys(df),
                            thresholds=thresholds, threshold_source=source, n_boot=n_boot, seed=seed)

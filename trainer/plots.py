@@ -11,13 +11,17 @@ import numpy as np
 from manifests.atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display; imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_pyplot = pyplot   # the name trainer.watch imports
 
 
 def _curve(kind: str, y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +50,7 @@ def plot_curves(
     """
     if kind not in ("roc", "pr"):
         raise ValueError(f"kind must be 'roc' or 'pr', not {kind!r}")
-    plt = _pyplot()
+    plt = pyplot()
     y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
     y_prob = np.asarray(y_prob, dtype=np.float64).reshape(len(y_prob), -1)
     key = "auroc" if kind == "roc" else "auprc"
@@ -101,5 +105,5 @@ def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(final) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return final

@@ -2,112 +2,27 @@
 
 An image goes through exactly what a shard sample went through when the run's shard set was built
 (gray, fit, size, codec round-trip: `cxrshards.pixels.preprocess` with the parameters of the run's
-card.json), then exactly the normalisation the trainer applies before the model
+cards/NAME.json: the first set), then exactly the normalisation the trainer applies before the model
 (`trainer.augment.augment_batch` without augmentation, the checkpoint's mean/std).
 
-Also home of the run/checkpoint lookup shared with `trainer.evaluate`, whose errors say what to run first.
+The run/checkpoint lookup is `trainer.runs` (shared with the evaluation), whose errors say what to run first;
+its names stay importable from here.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from cxrshards.pixels import preprocess
 from manifests.errors import CxrError
-from trainer.augment import AugmentSpec, augment_batch
-from trainer.checkpoint import InferenceModel, load_for_inference
+from trainer.cam import cam_figure, choose_labels, label_heatmaps
+from trainer.checkpoint import InferenceModel
+from trainer.inputs import card_pixels, model_input
 from trainer.losses import probabilities
-
-CHECKPOINT_NAMES = {"best": "best.pt", "last": "last.pt"}
-
-
-class RunError(CxrError):
-    """A run folder or checkpoint is missing or unusable."""
-
-
-def resolve_run(run: str | Path) -> Path:
-    """The run folder (it must hold config.json); RunError saying how to make one otherwise."""
-    if not str(run).strip():
-        raise RunError("no run given (`make eval` found none under runs/ or demo/runs/): run `make demo` or "
-                       "`cxr train --shards NAME --out runs/RUN` first, then pass --run runs/RUN")
-    run_dir = Path(run)
-    if not run_dir.is_dir():
-        raise RunError(f"no run at {run_dir}: train one first with `cxr train --shards NAME --out {run_dir}`")
-    if not (run_dir / "config.json").is_file():
-        raise RunError(f"{run_dir} is not a training run (no config.json): train one with "
-                       f"`cxr train --shards NAME --out {run_dir}`")
-    return run_dir
-
-
-def resolve_checkpoint(run_dir: Path, ckpt: str | Path = "best") -> Path:
-    """best / last -> RUN/best.pt / RUN/last.pt; anything else is a checkpoint path."""
-    name = str(ckpt)
-    path = run_dir / CHECKPOINT_NAMES[name] if name in CHECKPOINT_NAMES else Path(name)
-    if path.is_file():
-        return path
-    if name in CHECKPOINT_NAMES:
-        raise RunError(f"no checkpoint {path}: the run has not finished an epoch yet; train (or resume) it with "
-                       f"`cxr train --out {run_dir} --resume` or `cxr train --shards NAME --out {run_dir}`")
-    raise RunError(f"no checkpoint at {path}: pass --ckpt best, last or the path of a .pt file written by `cxr train`")
-
-
-def pick_device(name: str | torch.device | None = "auto") -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CxrError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
-
-
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    ckpt_path: Path
-    inference: InferenceModel
-    card: dict                      # the shard card the run was trained on (RUN/card.json; several sets: the first's)
-    device: torch.device
-
-
-def load_run(run: str | Path, ckpt: str | Path = "best", device: str | torch.device | None = "auto") -> LoadedRun:
-    """Run folder + checkpoint -> model in eval mode, its labels, normalisation and shard card."""
-    run_dir = resolve_run(run)
-    ckpt_path = resolve_checkpoint(run_dir, ckpt)
-    dev = pick_device(device)
-    inference = load_for_inference(ckpt_path, dev)
-    card_path = run_dir / "card.json"
-    sets = inference.checkpoint.get("sets")
-    if sets and not card_path.is_file():   # a run over several sets (cxrshards.mix): preprocess as its first set
-        card_path = run_dir / "cards" / f"{sets[0]['name']}.json"
-    if not card_path.is_file():
-        raise RunError(f"{run_dir} has no card.json (the shard card of its training set): re-run "
-                       f"`cxr train --out {run_dir} --resume` to restore it")
-    try:
-        card = json.loads(card_path.read_text())
-    except ValueError as exc:
-        raise RunError(f"{card_path}: unreadable ({exc})") from None
-    return LoadedRun(run_dir=run_dir, ckpt_path=ckpt_path, inference=inference, card=card, device=dev)
-
-
-def card_pixels(path: str | Path, card: dict) -> np.ndarray:
-    """uint8 SxS: what `cxr shard build` stored for this file in the shard set described by `card`."""
-    return preprocess(path, int(card["size"]), card.get("fit", "pad"), card.get("codec", "png"),
-                      int(card.get("jpeg_quality", 95)))
-
-
-def model_input(pixels: np.ndarray | torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 [S,S] / [1,S,S] / [B,1,S,S] -> float [B,1,S,S]: the normalisation `trainer.loop.predict` applies."""
-    x = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, torch.Tensor) else pixels)
-    while x.dim() < 4:
-        x = x.unsqueeze(0)
-    return augment_batch(x, AugmentSpec(flip=False, light=False, mean=mean, std=std), None)
-
+from trainer.runs import (CHECKPOINT_NAMES, LoadedRun, RunError, load_run, pick_device,  # noqa: F401 - as before
+                          resolve_checkpoint, resolve_run)
 
 def predict_tensor(path: str | Path, run: LoadedRun) -> torch.Tensor:
     """float [1,1,S,S]: the exact model input for a raw image file under this run."""
@@ -117,8 +32,6 @@ def predict_tensor(path: str | Path, run: LoadedRun) -> torch.Tensor:
 
 def _write_cam(path: Path, pixels: np.ndarray, x: torch.Tensor, probs: np.ndarray, inf: InferenceModel,
                wanted: Sequence[str], top: int) -> Path:
-    from trainer.cam import cam_figure, choose_labels, label_heatmaps
-
     chosen = choose_labels(list(inf.labels), probs, wanted, top)
     heat = label_heatmaps(inf.model, x, inf.head, chosen)
     panels = [(inf.labels[j], float(probs[j]), heat[k]) for k, j in enumerate(chosen)]

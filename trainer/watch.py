@@ -177,9 +177,9 @@ def plot_training_curves(rows: Sequence[dict], path: str | Path, extra_auroc: Se
 
     The best epoch is the one with the highest `val_auroc_macro` (the one best.pt holds); `extra_auroc`
     names more AUROC columns to draw (e.g. one per shard set)."""
-    from trainer.plots import _pyplot, save_figure
+    from trainer.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
 
     def col(name: str) -> np.ndarray:
         return np.array([float(r.get(name, "nan") or "nan") for r in rows], dtype=np.float64)

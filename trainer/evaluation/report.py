@@ -134,6 +134,10 @@ def render_markdown(report: dict) -> str:
         rows.append(row)
     out.append(_table(header, rows))
     out += ["", "## Curves", "", "![ROC curves](roc.png)", "", "![Precision-recall curves](pr.png)", ""]
+    if report.get("gallery"):
+        out += ["## Gallery", "", "Per label (most positives first), the highest-scored true positives and false positives "
+                "at or above the label's threshold chosen on valid, with Grad-CAM heatmaps.", "",
+                "![Gallery](gallery.png)", ""]
     out += ["Files: `report.json` (every number here), `predictions.parquet` (key, patient_id, true labels, "
             "`prob_LABEL` per label), `valid_predictions.parquet` (the valid split the thresholds come from).", ""]
     return "\n".join(out)
@@ -201,9 +205,14 @@ def external_section(report: dict) -> list[str]:
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json and report.md into `out_dir` (atomically); returns their paths."""
+    """Write report.json, report.md and report.html (the same text with every figure embedded) into `out_dir`
+    (atomically); returns their paths."""
+    from trainer.evaluation.html import write_html
+
     out_dir = Path(out_dir)
     paths = {"report.json": out_dir / "report.json", "report.md": out_dir / "report.md"}
     write_bytes_atomic(paths["report.json"], (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())
-    write_bytes_atomic(paths["report.md"], render_markdown(report).encode())
+    text = render_markdown(report)
+    write_bytes_atomic(paths["report.md"], text.encode())
+    paths["report.html"] = write_html(text, out_dir, f"cxr evaluation: {report.get('run', '')}")
     return paths

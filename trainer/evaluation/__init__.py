@@ -1,0 +1,1 @@
+"""The evaluation pipeline: score -> predictions table -> metrics -> report files."""
