@@ -1,4 +1,5 @@
 # cxr: `make demo` and `make test` are all a newcomer needs; both create .venv when it is missing.
+# `make install` installs the test and export extras (onnx, onnxscript, onnxruntime: `cxr export`, `cxr predict --model`).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -10,7 +11,7 @@ WORKERS ?= 2
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -57,7 +57,8 @@ def _register() -> None:
     # Imported here so each module can `from cli.app import app, console, fail`.
     import importlib
 
-    for name in ("cli.manifest_cmd", "cli.shard_cmd", "cli.train_cmd", "cli.eval_cmd", "cli.demo_cmd", "cli.pipeline_cmd"):
+    for name in ("cli.manifest_cmd", "cli.shard_cmd", "cli.train_cmd", "cli.eval_cmd", "cli.demo_cmd", "cli.pipeline_cmd",
+                 "cli.export_cmd"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:

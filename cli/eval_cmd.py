@@ -65,7 +65,6 @@ def print_report(report: dict, title: str | None = None) -> None:
                       f"{r.get('ours_labels_used', 0)} of its labels {_f(r.get('ours_macro_auroc'))}{note}")
     eval_dir = Path(report["files"]["report.json"]).parent
     console.print(f"wrote {eval_dir}/: " + ", ".join(Path(f).name for f in report["files"].values()))
-    console.print(f"open in a browser (self-contained, works offline): [bold]{report['files']['report.html']}[/]")
 
 
 def external_table(report: dict) -> Table:
@@ -101,6 +100,43 @@ def external_table(report: dict) -> Table:
     return table
 
 
+def subgroup_tables(result: dict) -> list[Table]:
+    """Per grouping column: each group's images, patients, macro AUROC [95% CI] and underdiagnosis [95% CI],
+    each with its difference from the rest of the column (* when that interval excludes 0)."""
+    def ci(e: dict | None) -> str:
+        if not e or e.get("value") is None:
+            return "-"
+        return f"{e['value']:.3f}" + (f" [{e['low']:.3f}, {e['high']:.3f}]" if e.get("low") is not None else "")
+
+    def diff(e: dict | None) -> str:
+        if not e or e.get("difference") is None:
+            return "-"
+        star = " *" if e.get("low") is not None and (e["low"] > 0 or e["high"] < 0) else ""
+        return f"{e['difference']:+.3f}" + (f" [{e['low']:+.3f}, {e['high']:+.3f}]" if e.get("low") is not None else "") + star
+
+    tables = []
+    for column in result["columns"]:
+        table = Table(title=f"by {column['column']}" + (f" ({column['missing_images']} images without a value)"
+                                                         if column["missing_images"] else ""), title_justify="left")
+        for name, justify in (("group", "left"), ("images", "right"), ("patients", "right"),
+                              ("macro AUROC [95% CI]", "right"), ("vs rest", "right"),
+                              ("underdiagnosis [95% CI]", "right"), ("vs rest", "right")):
+            table.add_column(name, justify=justify)
+        for g in column["groups"]:
+            rest = g["vs_rest"]
+            table.add_row(g["value"], f"{g['images']:,}", f"{g['patients']:,}", ci(g["macro_auroc"]),
+                          diff(rest["macro_auroc"]), ci(g["underdiagnosis"]), diff(rest["underdiagnosis"]))
+        tables.append(table)
+    return tables
+
+
+def print_subgroups(result: dict) -> None:
+    console.print(f"[bold]Subgroups[/] ({result['bootstrap']['n_boot']} patient resamples; underdiagnosis: "
+                  f"{result['underdiagnosis_definition']['text']})", highlight=False)
+    for table in subgroup_tables(result):
+        console.print(table)
+
+
 def print_external(report: dict) -> None:
     ext = report["external"]
     labels = ext["labels"]
@@ -130,6 +166,11 @@ def eval_command(
     label_map: Optional[Path] = typer.Option(None, "--label-map", help="CSV source,label,shared over the built-in label map: how the run's labels meet another shard set's (external evaluation)."),
     gallery: bool = typer.Option(True, "--gallery/--no-gallery", help="Also draw gallery.png: the highest-scored true and false positives of the labels with the most positives, with Grad-CAM heatmaps."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress while predicting."),
+    by: str = typer.Option("", "--by", metavar="COL,COL", help="Subgroup report by these columns: sex, age (in --age-bands), view, set, or a column --demographics adds (e.g. race)."),
+    age_bands: str = typer.Option("0,20,40,60,80", "--age-bands", metavar="A,B,...", help="--by age: band edges in years, each band closed on the left; the last is open (80+)."),
+    min_group: int = typer.Option(20, "--min-group", help="--by: a label needs this many positives (and negatives) in a group for an AUROC; fewer say 'too few'."),
+    demographics: Optional[Path] = typer.Option(None, "--demographics", help="CSV/Parquet joined by patient before --by: MIMIC-IV patients.csv(.gz) as it is (subject_id, gender, anchor_age), any other table with --demographics-key."),
+    demographics_key: Optional[str] = typer.Option(None, "--demographics-key", metavar="COL", help="--demographics: the column holding the patient id."),
 ) -> None:
     """Evaluate a run: report.html (one self-contained page), report.json, report.md, predictions.parquet, roc.png,
     pr.png, gallery.png in RUN/eval/.
@@ -141,9 +182,17 @@ def eval_command(
 
     if split not in ("train", "valid", "test"):
         raise EvalError(f"--split {split!r}: expected test, valid or train")
+    try:
+        bands = tuple(float(a) for a in age_bands.split(",") if a.strip())
+    except ValueError:
+        raise EvalError(f"--age-bands {age_bands!r}: expected increasing ages in years, e.g. 0,20,40,60,80") from None
+    if demographics_key and demographics is None:
+        raise EvalError("--demographics-key names the patient column of --demographics FILE: pass --demographics too")
     report = evaluate_run(run, ckpt=ckpt, split=split, shards=shards, root=root, out=out, n_boot=bootstrap,
                           seed=seed, device=device, batch_size=batch_size, workers=workers, label_map=label_map, cache=cache,
-                          log=lambda msg: console.print(f"[dim]{msg}[/]"), gallery=gallery, quiet=quiet)
+                          log=lambda msg: console.print(f"[dim]{msg}[/]"), gallery=gallery, quiet=quiet,
+                          by=[c.strip() for c in by.split(",") if c.strip()], age_bands=bands, min_group=min_group,
+                          demographics=demographics, demographics_key=demographics_key)
     print_report(report, title=f"{report['run']}: {report['split']} split, pooled over "
                  f"{', '.join(report['per_set'])} ({report['metrics']['n_samples']} images)" if report.get("per_set") else None)
     for name, part in (report.get("per_set") or {}).items():
@@ -152,28 +201,45 @@ def eval_command(
                                     f"images, {m.get('n_patients')} patients)"))
     if report.get("external"):
         print_external(report)
+    if report.get("subgroups"):
+        print_subgroups(report["subgroups"])
+    console.print(f"open in a browser (self-contained, works offline): [bold]{report['files']['report.html']}[/]")
 
 
 @app.command("predict")
 def predict_command(
-    images: List[Path] = typer.Argument(..., help="PNG/JPG files."),
-    run: str = typer.Option(..., "--run", help="Run folder written by `cxr train --out RUN`."),
-    ckpt: str = typer.Option("best", "--ckpt", help="best | last | PATH of a checkpoint file."),
+    images: List[Path] = typer.Argument(..., help="Image files: PNG, JPEG, DICOM."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run folder written by `cxr train --out RUN` (PyTorch)."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="DIR", show_default=False,
+                                         help="Export folder written by `cxr export --out DIR`: onnxruntime, no "
+                                              "PyTorch (instead of --run)."),
+    ckpt: str = typer.Option("best", "--ckpt", help="--run: best | last | PATH of a checkpoint file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object) instead of a table."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", "--device", help="--run: auto | cpu | cuda."),
     cam: Optional[Path] = typer.Option(None, "--cam", metavar="OUTDIR", show_default=False,
-                                       help="Also write per image OUTDIR/NNN-NAME.png: the image with a Grad-CAM "
-                                            "heatmap per label."),
+                                       help="--run: also write per image OUTDIR/NNN-NAME.png: the image with a "
+                                            "Grad-CAM heatmap per label."),
     labels: str = typer.Option("", "--labels", metavar="A,B", help="--cam: these labels (default: --top)."),
     top: int = typer.Option(3, "--top", help="--cam: the N most probable labels, when --labels is not given."),
 ) -> None:
     """Per-label probabilities for raw images, preprocessed exactly as the run's shard set was built."""
-    from trainer.predict import predict_images
-
+    if (run is None) == (model is None):
+        raise CxrError("pass either --run RUN (the PyTorch checkpoint) or --model DIR (an export of "
+                       "`cxr export`), not both" if run else "pass --run RUN or --model DIR (an export of `cxr export`)")
     wanted = [name.strip() for name in labels.split(",") if name.strip()]
     if wanted and cam is None:
         raise CxrError("--labels chooses the heatmaps of --cam OUTDIR: pass --cam too")
-    result = predict_images(images, run, ckpt, device=device, cam_dir=cam, cam_labels=wanted, cam_top=top)
+    if model is not None:   # onnxruntime: torch is never imported on this path
+        if cam is not None:
+            raise CxrError("--cam needs the run (Grad-CAM differentiates the PyTorch model): pass --run RUN "
+                           "instead of --model")
+        from trainer.runtime import predict_exported
+
+        result = predict_exported(images, model)
+    else:
+        from trainer.predict import predict_images
+
+        result = predict_images(images, run, ckpt, device=device, cam_dir=cam, cam_labels=wanted, cam_top=top)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -26,7 +26,7 @@ def demo(
     seed: int = typer.Option(D.seed, "--seed", help="Seed of data, splits, init and order."),
 ) -> None:
     """Show the whole tool working on phantom X-rays in a few minutes: data, shards, training, evaluation."""
-    from cli.eval_cmd import external_table, print_report
+    from cli.eval_cmd import external_table, print_report, print_subgroups
     from trainer.demo import run_demo
 
     def echo(message: str) -> None:
@@ -41,6 +41,8 @@ def demo(
         console.print()
         print_report(summary["reports"][name], title=f"{title}: test split ({summary['paths']['runs'][name]}/eval)")
     console.print()
+    print_subgroups(summary["reports"]["nih"]["subgroups"])
+    console.print()
     console.print(external_table(summary["reports"]["nih_on_mimic"]))
     console.print(Text(f"external validation of the NIH run on the MIMIC phantoms: {summary['paths']['external']}/report.md "
                        "(thresholds from the NIH valid split)", style="dim"), highlight=False)
@@ -49,7 +51,7 @@ def demo(
     console.print(Text(
         f"  {out}/raw/          phantom raw trees (NIH and MIMIC-CXR-JPG layouts; normal/ + abnormal/ folders)\n"
         f"  {out}/shards/       shard sets: dataset.json card, manifest.parquet, *.tar, *.h5\n"
-        f"  {p['runs']['nih']}/     the NIH run: metrics.csv, best.pt, eval/report.md, eval/roc.png\n"
+        f"  {p['runs']['nih']}/     the NIH run: metrics.csv, best.pt, eval/report.html (open it in a browser)\n"
         f"  {p['external']}/  the NIH run on the MIMIC phantoms: internal vs external\n"
         f"  {p['runs']['cardiomegaly']}/  the fine-tuned run, same layout\n"
         f"Next: `make eval` re-evaluates the newest run; `cxr predict IMAGE --run {p['runs']['nih']}` scores one image;\n"

@@ -46,11 +46,12 @@ from cxrshards.writers import copy_into, sample_json, sha256_file, tar_end, writ
 from manifests import __version__
 from manifests.atomic import atomic_path, write_bytes_atomic
 from manifests.build import build_manifest
-from manifests.errors import CxrError
+from manifests.errors import CxrError, ManifestError
 from manifests.lock import LOCK_NAME, folder_lock
 from manifests.options import ManifestOptions
 from manifests.vocab import SOURCES
-from manifests.table import SPLITS, Manifest, concat_rejects, conform, make_rejects, read_manifest, reject_counts, write_rejects
+from manifests.table import (SPLITS, Manifest, audit_leakage, concat_rejects, conform, make_rejects, read_manifest,
+                             reject_counts, write_rejects)
 
 FORMATS = ("wds", "hdf5", "both")
 ORDER_STREAM = 0x5EED           # salts the sample-order RNG: default_rng([seed, 0x5EED])
@@ -263,6 +264,10 @@ def _build_locked(config: BuildConfig, manifest: Manifest, manifest_options: dic
 def _load_manifest(config: BuildConfig, options: ManifestOptions | None) -> tuple[Manifest, dict]:
     if config.manifest is not None:
         manifest = read_manifest(config.manifest)
+        try:   # refused before any pixel is read (the shard set's manifest.parquet is audited again when written)
+            audit_leakage(manifest.table)
+        except ManifestError as exc:
+            raise ManifestError(f"{config.manifest}: {exc}") from None
         opts = manifest.meta.get("options") or {}
         if config.source and manifest.meta.get("source") not in (None, config.source):
             raise CxrError(f"{config.manifest} is a {manifest.meta.get('source')} manifest, not --source {config.source}")

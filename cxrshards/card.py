@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from manifests import __version__
-from manifests.atomic import atomic_path, write_bytes_atomic
-from manifests.table import META_KEY, split_summary
+from manifests.atomic import write_bytes_atomic
+from manifests.table import Manifest, split_summary, write_manifest
 
 FORMAT_VERSION = 1
 CARD_NAME = "dataset.json"
@@ -42,12 +40,10 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 def write_located_manifest(path: str | os.PathLike, table: pd.DataFrame, meta: dict) -> None:
-    """manifest.parquet: the manifest table plus shard, shard_index, h5_index, with `b"cxr"` metadata."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
-                                           META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(arrow, tmp)
+    """manifest.parquet: the manifest table plus shard, shard_index, h5_index, with `b"cxr"` metadata (labels
+    from `meta["labels"]`), rows in the table's order. Written by `manifests.table.write_manifest`, the one
+    writer of manifests: its checks and its leakage audit (no patient in two splits) hold for every shard set."""
+    write_manifest(Manifest(table=table, labels=list(meta["labels"]), meta=meta), path, sort=False)
 
 
 def make_card(*, name: str, source: str, size: int, codec: str, jpeg_quality: int, fit: str,

@@ -51,7 +51,7 @@ from manifests.errors import CxrError
 
 # A 1/r decode stands in for r x r block means; resampling those blocks again by a factor close to 1
 # smears the partial blocks at each output pixel's edges. Keeping the reduced side >= 1.25 x target
-# holds the worst case on the real JPEGs in ../shared/data/real/kermany at 41.4 dB PSNR against full
+# holds the worst case on the real JPEGs in tests/data/real/kermany at 41.4 dB PSNR against full
 # decode + area resize (every size 64..512 in steps of 8, every fit; 39.4 dB at 1.0, 43.0 at 1.5).
 # MIMIC-sized sources (2544 x 3056) still decode at 1/8 for targets up to 305 (pad) / 254 (squash, crop).
 REDUCED_MARGIN = 1.25

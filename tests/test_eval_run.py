@@ -126,3 +126,65 @@ def test_eval_keeps_the_views_the_run_trained_on(tiny_run):
     keys, notes = select_keys(context.assign(view=None), "test", ("AP",))
     assert (sorted(keys), notes) == (test_keys, [f"{sets[0].name} records no views, so all its test "
                                                                  f"images are used (the run was trained on views AP)"])
+
+
+def test_eval_by_sex_and_age_after_a_mimic_iv_style_demographics_join(tiny_run, tmp_path):
+    """`cxr eval --by sex,age,race --demographics patients.csv.gz` (MIMIC-IV columns as they are) and a second table
+    by --demographics-key: the joined columns land in predictions.parquet, every group count and AUROC equals a
+    direct computation on that file, calibration equals sklearn's Brier, report.html embeds every figure."""
+    import base64
+    import gzip
+    import re
+
+    from sklearn.metrics import brier_score_loss
+
+    root, shard_dir, run = tiny_run
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    patients = sorted(manifest["patient_id"].astype(str).unique())
+    rows = ["subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod"]
+    rows += [f"{p},{'F' if i % 2 else 'M'},{(25, 50, 75)[i % 3]},2150,2008 - 2010," for i, p in enumerate(patients)]
+    table = tmp_path / "patients.csv.gz"
+    table.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    out = tmp_path / "eval"
+    args = ["eval", "--run", str(run), "--out", str(out), "--device", "cpu", "--bootstrap", "30", "--by", "sex,age",
+            "--min-group", "1", "--demographics", str(table), "--age-bands", "0,40,60"]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 0, result.output
+    assert "by sex" in result.output and "by age" in result.output and str(out / "report.html") in result.output
+    df = pd.read_parquet(out / "predictions.parquet")
+    want = {p: ("F" if i % 2 else "M", float((25, 50, 75)[i % 3])) for i, p in enumerate(patients)}
+    assert [(s, a) for s, a in zip(df["sex"], df["age"])] == [want[p] for p in df["patient_id"]]
+    report = json.loads((out / "report.json").read_text())
+    sex, age = report["subgroups"]["columns"]
+    assert [(g["value"], g["images"]) for g in sex["groups"]] == [(v, int((df["sex"] == v).sum())) for v in ("F", "M")]
+    bands = {"[0,40)": df["age"] < 40, "[40,60)": (df["age"] >= 40) & (df["age"] < 60), "60+": df["age"] >= 60}
+    assert {g["value"]: g["images"] for g in age["groups"]} == {k: int(v.sum()) for k, v in bands.items()}
+    assert sum(v.any() for v in bands.values()) >= 2
+    labels = report["metrics"]["labels"]
+    for g in sex["groups"]:
+        part = df[df["sex"] == g["value"]]
+        for name in labels:
+            keep = ~part[name].isna()
+            y, p = part.loc[keep, name].to_numpy(), part.loc[keep, "prob_" + name].to_numpy()
+            if g["per_label"][name]["auroc"] is not None:
+                assert g["per_label"][name]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+    for name in labels:
+        keep = ~df[name].isna()
+        assert report["calibration"]["per_label"][name]["brier"]["value"] == pytest.approx(
+            brier_score_loss(df.loc[keep, name], df.loc[keep, "prob_" + name]), abs=1e-6)
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert {base64.b64decode(e) for e in embedded} >= {(out / f).read_bytes() for f in
+                                                        ("roc.png", "pr.png", "calibration.png", "subgroups.png")}
+    # a table keyed by another column: its other columns become groups; a missing key column is one line
+    extra = tmp_path / "race.csv"
+    extra.write_text("pid,race\n" + "".join(f"{p},{'A' if i % 3 else 'B'}\n" for i, p in enumerate(patients)))
+    result = CliRunner().invoke(_cli(), [*args[:-6], "--by", "race", "--demographics", str(extra),
+                                         "--demographics-key", "pid", "--min-group", "1"])
+    assert result.exit_code == 0, result.output
+    assert [c["column"] for c in json.loads((out / "report.json").read_text())["subgroups"]["columns"]] == ["race"]
+    result = CliRunner().invoke(_cli(), [*args[:-6], "--by", "race", "--demographics", str(extra),
+                                         "--demographics-key", "patient"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "race.csv" in result.output and "patient" in result.output

@@ -65,8 +65,8 @@ def test_lock_of_a_kill_9_process_is_taken_over(tmp_path):
     assert not (folder / LOCK_NAME).exists()
 
 
-def test_two_builds_into_one_folder_second_refused_first_unharmed(tmp_path, shared_data):
-    raw = copies_tree(shared_data, tmp_path / "raw", copies=4)
+def test_two_builds_into_one_folder_second_refused_first_unharmed(tmp_path, phantom_kermany):
+    raw = copies_tree(phantom_kermany, tmp_path / "raw", copies=4)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     reference = subprocess.run(cli_build(raw, tmp_path / "ref", "--workers", "1"), env=env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)

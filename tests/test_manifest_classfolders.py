@@ -221,8 +221,8 @@ def test_unreadable_dicom_header_is_a_reject_with_the_reason(tmp_path):
         "NORMAL/garbage": no_pixels, "NORMAL/truncated.dcm": no_pixels, "PNEUMONIA/report.dcm": no_pixels}
 
 
-def test_real_kermany_folder_still_works(shared_data):
-    manifest = build_manifest(shared_data / "real" / "kermany",
+def test_real_kermany_folder_still_works(real_data):
+    manifest = build_manifest(real_data / "real" / "kermany",
                               ManifestOptions(source="folder", patient_pattern=r"person(\d+)_"))
     assert manifest.labels == ["Cardiomegaly"] and len(manifest.table) == 12 and len(manifest.rejects) == 0
     assert manifest.table["Cardiomegaly"].sum() == 6

@@ -31,10 +31,10 @@ def test_build_help_documents_every_option():
         assert any(row.match(line) for line in result.output.splitlines()), f"{option} missing or without help"
 
 
-def test_build_then_info_on_real_kermany(shared_data, tmp_path):
+def test_build_then_info_on_real_kermany(real_data, tmp_path):
     out, rejects, fetch = tmp_path / "k.parquet", tmp_path / "rejects.parquet", tmp_path / "fetch.txt"
     result = cxr("manifest", "build", "--source", "folder", "--label", "Pneumonia", "--raw",
-                 shared_data / "real" / "kermany", "--out", out, "--patient-pattern", r"person(\d+)_",
+                 real_data / "real" / "kermany", "--out", out, "--patient-pattern", r"person(\d+)_",
                  "--ratios", "6:2:2", "--rejects", rejects, "--fetch-list", fetch, "--seed", "3")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)

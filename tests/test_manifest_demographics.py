@@ -19,6 +19,7 @@ from manifests.demographics import age_of, sex_of
 from manifests.dicomheader import read_header
 from manifests.errors import ManifestError
 from manifests.table import read_manifest, write_manifest
+from tests.conftest import TEST_DATA, full_nih_root
 from tests.test_dicom import dicom_dataset, write as write_dicom
 from tests.test_manifest_chexpert import TRAIN, VALID, row, write_csv, write_tree
 from tests.test_manifest_mimic import write_mimic as write_mimic_tables
@@ -81,12 +82,20 @@ def test_nih_bad_cells_name_file_line_column_and_value(tmp_path, column, value, 
     assert str(err.value).startswith(f"{tmp_path / 'Data_Entry_2017.csv'}: {message}"), str(err.value)
 
 
-def test_real_nih_table_sex_counts_and_ages(shared_data, tmp_path):
-    (tmp_path / "Data_Entry_2017_v2020.csv.gz").symlink_to(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz")
+# the real NIH table: tests/data's cut (patients 1-1000 and 27426), and the whole release where it is
+# (tests.conftest.full_nih_root); counted once from each file
+REAL_NIH = [pytest.param(TEST_DATA / "nih", {"M": 1_862, "F": 1_802}, (11.0, 94.0), id="subset")]
+if full_nih_root() is not None:
+    REAL_NIH.append(pytest.param(full_nih_root() / "nih", {"M": 63_340, "F": 48_780}, (0.0, 95.0), id="full"))
+
+
+@pytest.mark.parametrize("folder, sexes, ages", REAL_NIH)
+def test_real_nih_table_sex_counts_and_ages(folder, sexes, ages, tmp_path):
+    (tmp_path / "Data_Entry_2017_v2020.csv.gz").symlink_to(folder / "Data_Entry_2017_v2020.csv.gz")
     manifest = build_manifest(tmp_path, ManifestOptions(source="nih", split="random"))
     table = manifest.table
-    assert table["sex"].value_counts().to_dict() == {"M": 63_340, "F": 48_780}
-    assert table["age"].notna().all() and table["age"].max() == 95.0 and table["age"].min() == 0.0
+    assert table["sex"].value_counts().to_dict() == sexes
+    assert table["age"].notna().all() and (table["age"].min(), table["age"].max()) == ages
     assert manifest.meta["demographics"]["ages_above_max"] == 0
 
 

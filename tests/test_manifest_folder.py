@@ -59,8 +59,8 @@ def test_ratios_apply(tmp_path):
     assert table["split"].value_counts().to_dict() == {"train": 15, "test": 15}
 
 
-def test_patient_pattern_keeps_a_patients_files_together_on_real_kermany(shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_patient_pattern_keeps_a_patients_files_together_on_real_kermany(real_data):
+    raw = real_data / "real" / "kermany"
     for seed in range(6):
         manifest = build_manifest(raw, ManifestOptions(source="folder", label="Pneumonia", seed=seed,
                                                        patient_pattern=r"person(\d+)_"))
@@ -74,9 +74,9 @@ def test_patient_pattern_keeps_a_patients_files_together_on_real_kermany(shared_
         assert table["patient_id"].nunique() == 11
 
 
-def test_patient_pattern_matching_nothing_is_an_error(shared_data):
+def test_patient_pattern_matching_nothing_is_an_error(real_data):
     with pytest.raises(ManifestError, match=re.escape(r"--patient-pattern 'patient(\d+)' matches no file name")):
-        build_manifest(shared_data / "real" / "kermany",
+        build_manifest(real_data / "real" / "kermany",
                        ManifestOptions(source="folder", patient_pattern=r"patient(\d+)"))
 
 

@@ -40,13 +40,13 @@ def nih_tree(tmp_path_factory) -> Path:
     return root
 
 
-def test_nih_table_header_and_columns_are_the_real_ones(nih_tree, shared_data):
-    with gzip.open(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt") as fh:
+def test_nih_table_header_and_columns_are_the_real_ones(nih_tree, real_data):
+    with gzip.open(real_data / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt") as fh:
         real_header = fh.readline().rstrip("\n")
     text = (nih_tree / "Data_Entry_2017_v2020.csv").read_text()
     assert text.split("\n", 1)[0] == real_header == phantom.NIH_HEADER
     assert text.endswith("\n") and "\r" not in text
-    real = pd.read_csv(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz", nrows=5)
+    real = pd.read_csv(real_data / "nih" / "Data_Entry_2017_v2020.csv.gz", nrows=5)
     ours = pd.read_csv(nih_tree / "Data_Entry_2017_v2020.csv")
     assert list(ours.columns) == list(real.columns)  # 11 fields: two names hold a comma, as in the release
     assert [str(t) for t in ours.dtypes] == [str(t) for t in real.dtypes]

@@ -78,15 +78,15 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="module")
-def real_pngs(shared_data: Path) -> list[Path]:
-    files = sorted((shared_data / "real").glob("nih-*/*.png"))
+def real_pngs(real_data: Path) -> list[Path]:
+    files = sorted((real_data / "real").glob("nih-*/*.png"))
     assert len(files) == 5
     return files
 
 
 @pytest.fixture(scope="module")
-def real_jpegs(shared_data: Path) -> list[Path]:
-    files = sorted((shared_data / "real" / "kermany").glob("*/*.jpeg"))
+def real_jpegs(real_data: Path) -> list[Path]:
+    files = sorted((real_data / "real" / "kermany").glob("*/*.jpeg"))
     assert len(files) == 12
     return files
 
@@ -209,8 +209,8 @@ def test_reduction_factor_rules():
 
 
 @pytest.fixture(scope="module")
-def gray512(shared_data: Path) -> np.ndarray:
-    return pil_gray(shared_data / "real" / "nih-512" / "00000001_000.png")
+def gray512(real_data: Path) -> np.ndarray:
+    return pil_gray(real_data / "real" / "nih-512" / "00000001_000.png")
 
 
 def test_rgb_and_rgba_png_become_luma(tmp_path, gray512):
@@ -335,6 +335,51 @@ def test_pad_keeps_aspect_ratio():
     odd = px.fit_resize(np.full((30, 100), 9, np.uint8), 64, "pad")  # 64*30/100 = 19.2 -> 19 rows
     rows = np.flatnonzero(odd.max(axis=1))
     assert (rows.min(), rows.max()) == (22, 40)
+
+
+def _pad_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """The pad rule as DESIGN.md states it: the long side becomes `size`, the short one round(short x size /
+    long), centred (the extra pixel, if any, after). -> (top, left, h, w)."""
+    if height >= width:
+        h, w = size, round(width * size / height)
+    else:
+        h, w = round(height * size / width), size
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+@pytest.mark.parametrize("shape", [(400, 700), (700, 400)], ids=["landscape", "portrait"])
+@pytest.mark.parametrize("size", [64, 320])   # jpg: 64 decodes reduced (1/8), 320 at full size
+def test_pad_rule_on_every_decode_path_without_real_files(tmp_path, ext, shape, size):
+    """`prepare` with pad, whichever decoder and resize path an image takes: the picture keeps its aspect
+    ratio inside the centred box of the rule, the rest is exactly 0; squash fills the whole square."""
+    height, width = shape
+    flat = np.full(shape, 200, np.uint8)
+    textured = _synthetic_xray(height, width, seed=size)
+    encode = (lambda a: cv2.imencode(".png", a)[1]) if ext == "png" else \
+        (lambda a: cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 95])[1])
+    (tmp_path / f"flat.{ext}").write_bytes(encode(flat).tobytes())
+    (tmp_path / f"textured.{ext}").write_bytes(encode(textured).tobytes())
+    reduced = px.reduction_factor(width, height, size, "pad") if ext == "jpg" else 1
+    assert (reduced > 1) == (ext == "jpg" and size == 64)   # both paths are really taken
+
+    top, left, h, w = _pad_box(height, width, size)
+    got = px.prepare(tmp_path / f"flat.{ext}", size, "pad")
+    box = np.zeros((size, size), bool)
+    box[top:top + h, left:left + w] = True
+    assert got.shape == (size, size)
+    assert (got[~box] == 0).all(), f"padding is not 0 outside rows {top}..{top + h}, columns {left}..{left + w}"
+    assert (np.abs(got[box].astype(int) - 200) <= 2).all(), "the picture does not fill the pad box"
+    assert (px.prepare(tmp_path / f"flat.{ext}", size, "squash") >= 198).all()   # squash: no padding at all
+
+    # a film lands in its box the right way round, close to the plain-numpy reference: >= 40 dB on the jpg
+    # paths (the module's promise for reduced decoding); >= 30 on the png path, whose integer pre-step
+    # (`area_resize`: 700 -> 70 -> 64) measured 34-39 dB on this noisy film at 64 px. A picture squashed into,
+    # or moved within, the square is far below both.
+    full = pil_gray(tmp_path / f"textured.{ext}")
+    for fit in ("pad", "squash"):
+        value = psnr(px.prepare(tmp_path / f"textured.{ext}", size, fit), ref_fit(full, size, fit))
+        assert value >= (40.0 if ext == "jpg" else 30.0), (fit, value)
 
 
 def test_squash_and_crop():

@@ -26,11 +26,11 @@ class CountingSpng:
         return self.module.load(data, *args)
 
 
-def test_spng_decodes_real_and_phantom_nih_pngs_exactly_as_opencv(tmp_path, shared_data, monkeypatch):
+def test_spng_decodes_real_and_phantom_nih_pngs_exactly_as_opencv(tmp_path, real_data, monkeypatch):
     spng = CountingSpng(pytest.importorskip("pyspng"))
     monkeypatch.setattr(px, "_pyspng", spng)
     make_demo_data("nih", tmp_path / "nih", 2, 256, seed=0)
-    files = sorted((shared_data / "real" / "nih-1024").glob("*.png")) + sorted((tmp_path / "nih").rglob("*.png"))
+    files = sorted((real_data / "real" / "nih-1024").glob("*.png")) + sorted((tmp_path / "nih").rglob("*.png"))
     assert len(files) >= 4
     for path in files:
         data = path.read_bytes()
@@ -42,13 +42,13 @@ def test_spng_decodes_real_and_phantom_nih_pngs_exactly_as_opencv(tmp_path, shar
     assert spng.calls == 2 * len(files)   # the fast decoder did the work
 
 
-def test_other_pngs_stay_with_opencv_and_broken_gray_pngs_are_rejected(tmp_path, shared_data):
+def test_other_pngs_stay_with_opencv_and_broken_gray_pngs_are_rejected(tmp_path, real_data):
     rgb = np.dstack([np.arange(64, dtype=np.uint8).reshape(8, 8)] * 3)
     assert cv2.imwrite(str(tmp_path / "rgb.png"), rgb)
     assert cv2.imwrite(str(tmp_path / "g16.png"), np.arange(64, dtype=np.uint16).reshape(8, 8) * 999)
     for name in ("rgb.png", "g16.png"):
         assert not px._spng_gray((tmp_path / name).read_bytes())
-    data = bytearray((shared_data / "real" / "nih-1024" / "00000001_000.png").read_bytes())
+    data = bytearray((real_data / "real" / "nih-1024" / "00000001_000.png").read_bytes())
     data[len(data) // 2] ^= 0xFF   # a flipped bit inside the image data: CRC and inflate fail
     (tmp_path / "bad.png").write_bytes(bytes(data))
     with pytest.raises(px.PixelError) as info:
@@ -69,14 +69,14 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def test_libdeflate_path_decodes_real_nih_pngs_exactly_as_opencv(tmp_path, shared_data, monkeypatch):
+def test_libdeflate_path_decodes_real_nih_pngs_exactly_as_opencv(tmp_path, real_data, monkeypatch):
     """NIH's PNGs (1024 px: IDATs only; 512 px: gAMA, bKGD, tIME, tEXt too) take the libdeflate path, and
     give OpenCV's pixels, also through `prepare`."""
     if px._inflate is None:
         pytest.skip("imagecodecs is not installed")
     inflate = CountingInflate(px._inflate)
     monkeypatch.setattr(px, "_inflate", inflate)
-    files = sorted((shared_data / "real").glob("nih-*/*.png"))
+    files = sorted((real_data / "real").glob("nih-*/*.png"))
     assert len(files) >= 4
     for path in files:
         assert px._restored_png(path.read_bytes()) is not None, f"{path.name} should take the libdeflate path"
@@ -86,13 +86,13 @@ def test_libdeflate_path_decodes_real_nih_pngs_exactly_as_opencv(tmp_path, share
     assert inflate.calls == 3 * len(files)
 
 
-def test_pngs_the_libdeflate_path_cannot_take_whole_fall_back_to_libspng(tmp_path, shared_data):
+def test_pngs_the_libdeflate_path_cannot_take_whole_fall_back_to_libspng(tmp_path, real_data):
     """A chunk that may change pixels (tRNS), interlacing, a damaged IDAT: plain libspng decodes or rejects
     them exactly as before."""
     if px._inflate is None:
         pytest.skip("imagecodecs is not installed")
-    data = (shared_data / "real" / "nih-1024" / "00000001_000.png").read_bytes()
-    want = opencv_gray(shared_data / "real" / "nih-1024" / "00000001_000.png")
+    data = (real_data / "real" / "nih-1024" / "00000001_000.png").read_bytes()
+    want = opencv_gray(real_data / "real" / "nih-1024" / "00000001_000.png")
     with_trns = data[:33] + png_chunk(b"tRNS", b"\0\0") + data[33:]
     assert px._restored_png(with_trns) is None
     (tmp_path / "trns.png").write_bytes(with_trns)

@@ -20,30 +20,30 @@ from trainer.predict import card_pixels, load_run, predict_images, predict_tenso
 NAMES = ["00000001_000.png", "00000002_000.png", "00000013_003.png"]
 
 
-def _nih_tree(shared_data, raw):
+def _nih_tree(real_data, raw):
     """A tiny NIH raw tree in the Kaggle layout: the 3 real PNGs, their real Data_Entry rows, the
     official split lists cut down to them."""
     images = raw / "images_001" / "images"
     images.mkdir(parents=True)
     for name in NAMES:
-        shutil.copy(shared_data / "real" / "nih-1024" / name, images / name)
-    with gzip.open(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt") as fh:
+        shutil.copy(real_data / "real" / "nih-1024" / name, images / name)
+    with gzip.open(real_data / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt") as fh:
         lines = [line for i, line in enumerate(fh) if i == 0 or line.split(",", 1)[0] in NAMES]
     assert len(lines) == 4
     (raw / "Data_Entry_2017_v2020.csv").write_text("".join(lines))
     for lst in ("train_val_list.txt", "test_list.txt"):
-        names = (shared_data / "nih" / lst).read_text().split()
+        names = (real_data / "nih" / lst).read_text().split()
         (raw / lst).write_text("".join(n + "\n" for n in names if n in NAMES))
 
 
 @pytest.fixture(scope="module")
-def real_run(shared_data, tmp_path_factory):
+def real_run(real_data, tmp_path_factory):
     torch.set_num_threads(1)
     from trainer.fitting import fit
 
     tmp = tmp_path_factory.mktemp("predict")
     raw = tmp / "nih"
-    _nih_tree(shared_data, raw)
+    _nih_tree(real_data, raw)
     options = ManifestOptions(source="nih", valid_fraction=0.5)   # 2 train_val patients: one to valid
     result = build_shards(BuildConfig(source="nih", raw=raw, size=48, format="both", codec="png",
                                       out=tmp / "shards", workers=1, quiet=True), options)

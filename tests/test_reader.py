@@ -93,13 +93,16 @@ def test_order_is_a_pure_function_of_seed_and_epoch(sets, fmt):
 
 @pytest.mark.parametrize("fmt", ["wds", "hdf5"])
 @pytest.mark.parametrize("n", [23, 16, 9, 3])
-def test_two_ranks_two_workers_cover_each_sample_once_with_equal_batches(sets, fmt, n):
+@pytest.mark.parametrize("seed, epoch", [(7, 2), (0, 0), (2024, 5)])
+def test_two_ranks_two_workers_cover_each_sample_once_with_equal_batches(sets, fmt, n, seed, epoch):
+    """Every (seed, epoch) gives its own shard order, shuffle and cut between ranks and workers: each must
+    still cover every selected sample exactly once, in equal batch counts per rank."""
     all_keys = _stored_keys(sets["png"], "train")
     keys = all_keys[:n]
     seen, batches_per_rank = Counter(), []
     for rank in range(2):
         stream = cxrshards.open_shards(sets["png"], "train", format=fmt, keys=keys, batch_size=4, rank=rank,
-                                       world_size=2, seed=7, epoch=2, shuffle_buffer=4)
+                                       world_size=2, seed=seed, epoch=epoch, shuffle_buffer=4)
         batches = list(DataLoader(stream, batch_size=None, num_workers=2))
         assert len(batches) == len(stream)
         batches_per_rank.append(len(batches))
@@ -254,14 +257,14 @@ def test_missing_tar_member_is_an_error(sets, tmp_path):
     assert json.loads((copy / "dataset.json").read_text())["codec"] == "raw"
 
 
-def test_reads_a_set_made_by_the_real_builder(tmp_path, shared_data):
+def test_reads_a_set_made_by_the_real_builder(tmp_path, phantom_kermany):
     import h5py
     import pandas as pd
 
     from cxrshards.build import BuildConfig, build_shards
     from manifests.options import ManifestOptions
 
-    config = BuildConfig(source="folder", raw=shared_data / "real" / "kermany", out=tmp_path, name="k", size=32,
+    config = BuildConfig(source="folder", raw=phantom_kermany, out=tmp_path, name="k", size=32,
                          codec="jpeg", shard_size=2, workers=1, quiet=True)
     shard_dir = build_shards(config, ManifestOptions(source="folder", label="Pneumonia",
                                                      patient_pattern=r"(person\d+)_")).path

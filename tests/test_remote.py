@@ -136,6 +136,41 @@ def test_cache_keeps_checked_tars_and_evicts_least_recently_used(served, tmp_pat
     assert 1 <= len(left) <= 2
 
 
+def test_cache_evicts_exactly_the_least_recently_used_tars(served, tmp_path):
+    """Room for two tars: each new tar evicts the one used longest ago, and a cache hit counts as a use."""
+    local, url, server = served
+    card = json.loads((local / "dataset.json").read_text())
+    sha = {f["file"]: f["sha256"] for f in card["files"] if f["split"] == "train" and f["file"].endswith(".tar")}
+    a, b, c, d = sorted(sha)[:4]
+    sizes = sorted((local / name).stat().st_size for name in (a, b, c, d))
+    room = sizes[-1] + sizes[-2]                    # any two fit, no three do
+    assert sizes[0] + sizes[1] + sizes[2] > room
+    cache = remote.TarCache(tmp_path / "cache", (room + 0.5) / 2**30)
+    name_of = {v: k for k, v in sha.items()}
+
+    def use(name: str) -> None:
+        cache.get_or_fetch(f"{url}/{name}", sha[name])
+        time.sleep(0.05)   # a later use gets a later mtime, whatever the file system's clock granularity
+
+    def held() -> set[str]:
+        return {name_of[p.stem] for p in (tmp_path / "cache" / "tars").glob("*.tar")}
+
+    use(a)
+    use(b)
+    assert held() == {a, b}
+    before = server.tar_gets()
+    use(a)                                          # a hit: no download, and a is now the most recent
+    assert server.tar_gets() == before
+    use(c)
+    assert held() == {a, c}                         # b was used longest ago
+    use(d)
+    assert held() == {c, d}                         # then a
+    use(c)
+    use(b)
+    assert held() == {b, c}                         # d, not the c just used
+    assert server.tar_gets() == before + 3
+
+
 def test_a_corrupt_remote_tar_never_enters_the_cache(tmp_path):
     local = make_shard_set(tmp_path / "src", "fx", codec="jpeg", formats=("wds",))
     tar = sorted(local.glob("train-*.tar"))[0]

@@ -81,10 +81,10 @@ def test_card_write_interrupted_keeps_the_previous_card(tmp_path, monkeypatch):
     _assert_untouched(card.parent, before)
 
 
-def test_tar_shard_write_interrupted_keeps_the_previous_shard(tmp_path, shared_data, monkeypatch):
+def test_tar_shard_write_interrupted_keeps_the_previous_shard(tmp_path, phantom_kermany, monkeypatch):
     """A second build rewrites the shards of a finished set (one of them damaged); the first tar it
     writes fails half-way: every tar stays as it was, and the next build repairs the set."""
-    raw = copies_tree(shared_data, tmp_path / "raw", copies=1)
+    raw = copies_tree(phantom_kermany, tmp_path / "raw", copies=1)
     options = ManifestOptions(source="folder")
     config = BuildConfig(source="folder", raw=raw, out=tmp_path / "a", name="set", size=32, shard_size=3,
                          format="wds", workers=1, quiet=True)

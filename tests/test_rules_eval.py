@@ -175,11 +175,11 @@ def test_cli_eval_prints_the_macro_auroc_and_interval_of_evaluate_run(tiny_run, 
     assert saved == json.loads(json.dumps(m))                  # every number, not only the 3 printed digits
 
 
-def test_cli_predict_prints_the_probabilities_of_predict_images(tiny_run, shared_data):
+def test_cli_predict_prints_the_probabilities_of_predict_images(tiny_run, real_data):
     from trainer.predict import predict_images
 
     _root, _shard_dir, run = tiny_run
-    images = [str(shared_data / "real" / "nih-1024" / n) for n in ("00000001_000.png", "00000013_003.png")]
+    images = [str(real_data / "real" / "nih-1024" / n) for n in ("00000001_000.png", "00000013_003.png")]
     result = CliRunner().invoke(_cli(), ["predict", *images, "--run", str(run), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)

@@ -1,4 +1,5 @@
-"""`cxr shard build` (library): real images read back through stock webdataset/h5py, determinism, options."""
+"""`cxr shard build` (library): real images read back through stock webdataset/h5py (tests/data), determinism
+and options (on a phantom folder set in Kermany's layout)."""
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ def kermany_options(seed: int = 0) -> ManifestOptions:
     return ManifestOptions(source="folder", label="Pneumonia", patient_pattern=r"(person\d+)_", seed=seed)
 
 
-def test_real_kermany_folder_reads_back_in_both_formats(tmp_path, shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_real_kermany_folder_reads_back_in_both_formats(tmp_path, real_data):
+    raw = real_data / "real" / "kermany"
     config = BuildConfig(source="folder", raw=raw, out=tmp_path, name="k", size=128, shard_size=3, workers=1,
                          quiet=True)
     result = build_shards(config, kermany_options())
@@ -35,8 +36,8 @@ def test_real_kermany_folder_reads_back_in_both_formats(tmp_path, shared_data):
 
 
 @pytest.mark.parametrize("codec,fit", [("jpeg", "squash"), ("raw", "crop")])
-def test_real_nih_tree_reads_back(tmp_path, shared_data, codec, fit):
-    raw = real_nih_tree(shared_data, tmp_path / "raw")
+def test_real_nih_tree_reads_back(tmp_path, real_data, codec, fit):
+    raw = real_nih_tree(real_data, tmp_path / "raw")
     config = BuildConfig(source="nih", raw=raw, out=tmp_path / "out", size=96, codec=codec, fit=fit, shard_size=2,
                          workers=2, quiet=True)
     result = build_shards(config, ManifestOptions(source="nih", ratios=(0.5, 0.25, 0.25)))
@@ -46,8 +47,8 @@ def test_real_nih_tree_reads_back(tmp_path, shared_data, codec, fit):
     assert row["Cardiomegaly"] == 1.0 and row["No Finding"] == 0.0
 
 
-def test_pixel_mean_std_match_the_train_pixels(tmp_path, shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_pixel_mean_std_match_the_train_pixels(tmp_path, phantom_kermany):
+    raw = phantom_kermany
     result = build_shards(BuildConfig(source="folder", raw=raw, out=tmp_path, size=64, format="hdf5", workers=1,
                                       quiet=True), kermany_options())
     import h5py
@@ -62,8 +63,8 @@ def test_pixel_mean_std_match_the_train_pixels(tmp_path, shared_data):
     assert verify_shards(result.path).ok
 
 
-def test_rebuild_is_byte_identical_whatever_the_worker_count(tmp_path, shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_rebuild_is_byte_identical_whatever_the_worker_count(tmp_path, phantom_kermany):
+    raw = phantom_kermany
     hashes = []
     for workers, name in ((1, "a"), (2, "b")):
         build_shards(BuildConfig(source="folder", raw=raw, out=tmp_path, name=name, size=64, shard_size=2,
@@ -87,8 +88,8 @@ def test_sample_order_is_a_pure_function_of_the_seed():
     assert sample_order(keys, 3) == [keys[i] for i in perm]
 
 
-def test_other_options_into_an_existing_set_are_refused_and_force_rebuilds(tmp_path, shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_other_options_into_an_existing_set_are_refused_and_force_rebuilds(tmp_path, phantom_kermany):
+    raw = phantom_kermany
     base = dict(source="folder", raw=raw, out=tmp_path, name="k", size=64, workers=1, quiet=True)
     build_shards(BuildConfig(**base), kermany_options())
     with pytest.raises(CxrError, match=r"--codec: was 'png', now 'jpeg'"):

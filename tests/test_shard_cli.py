@@ -18,8 +18,8 @@ def cxr(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_build_info_verify_round_trip(tmp_path, shared_data, monkeypatch):
-    raw = shared_data / "real" / "kermany"
+def test_build_info_verify_round_trip(tmp_path, phantom_kermany, monkeypatch):
+    raw = phantom_kermany
     monkeypatch.setenv("CXR_SHARDS", str(tmp_path / "root"))
     result = cxr("shard", "build", "--source", "folder", "--raw", raw, "--size", 48, "--shard-size", 5,
                  "--workers", 1, "--patient-pattern", r"(person\d+)_", "--label", "Pneumonia", "--quiet")
@@ -46,8 +46,8 @@ def test_build_info_verify_round_trip(tmp_path, shared_data, monkeypatch):
     assert "test-000000.tar: sha256" in bad.output
 
 
-def test_reject_limit_exits_1_after_writing_everything(tmp_path, shared_data):
-    raw, expected = faulty_nih_tree(shared_data, tmp_path / "raw")
+def test_reject_limit_exits_1_after_writing_everything(tmp_path):
+    raw, expected = faulty_nih_tree(tmp_path / "raw")
     result = cxr("shard", "build", "--source", "nih", "--raw", raw, "--out", tmp_path / "out", "--size", 32,
                  "--workers", 1, "--ratios", "6:2:2", "--quiet")
     assert result.exit_code == 1
@@ -60,8 +60,8 @@ def test_reject_limit_exits_1_after_writing_everything(tmp_path, shared_data):
     assert again.exit_code == 0, again.output
 
 
-def test_manifest_file_gives_the_same_shards(tmp_path, shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_manifest_file_gives_the_same_shards(tmp_path, phantom_kermany):
+    raw = phantom_kermany
     common = ["--size", 40, "--shard-size", 4, "--workers", 1, "--quiet", "--seed", 3]
     made = cxr("manifest", "build", "--source", "folder", "--raw", raw, "--seed", 3, "--out", tmp_path / "m.parquet")
     assert made.exit_code == 0, made.output

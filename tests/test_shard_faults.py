@@ -12,6 +12,7 @@ import pytest
 from cxrshards.build import BuildConfig, RejectLimitError, build_shards
 from cxrshards.verify import verify_shards
 from manifests.options import ManifestOptions
+from tests.raw_trees import gray_png, phantom_film
 from tests.test_shard_support import NIH_HEADER, NIH_ROWS, check_set
 
 SIZE = 64
@@ -21,16 +22,17 @@ def _row(name: str, patient: int) -> str:
     return f"{name},No Finding,0,{patient},50,F,PA,1,1,0.1,0.1"
 
 
-def faulty_nih_tree(shared, raw):
-    """Real NIH PNGs plus crafted ones: RGB, RGBA, 16-bit (converted) and broken files (rejected)."""
+def faulty_nih_tree(raw):
+    """An NIH-layout tree of phantom PNGs (8-bit gray, under the names and table rows of three real images)
+    plus crafted ones: RGB, RGBA, 16-bit (converted) and broken files (rejected)."""
     images = raw / "images"
     images.mkdir(parents=True)
     rows = []
-    for src in sorted((shared / "real" / "nih-1024").glob("*.png")):
-        (images / src.name).symlink_to(src)
-        rows.append(NIH_ROWS[src.name])
+    for name in ("00000001_000.png", "00000002_000.png", "00000013_003.png"):
+        (images / name).write_bytes(gray_png(phantom_film(name, 256, 256)))
+        rows.append(NIH_ROWS[name])
     rng = np.random.default_rng(7)
-    gray = cv2.resize(cv2.imread(str(shared / "real" / "nih-512" / "00027426_000.png"), cv2.IMREAD_GRAYSCALE), (300, 260))
+    gray = phantom_film("crafted", 260, 300)
     rgb = np.dstack([gray, np.roll(gray, 5, axis=1), 255 - gray])
     rgba = np.dstack([rgb, rng.integers(0, 256, gray.shape, dtype=np.uint8)])   # alpha must be ignored
     sixteen = (gray.astype(np.uint16) * 97 + 1000).astype(np.uint16)         # 1000..25735: scaled by its range
@@ -54,8 +56,8 @@ def faulty_nih_tree(shared, raw):
     return raw, {name.removesuffix(".png"): reason for name, (reason, _) in broken.items()}
 
 
-def test_broken_inputs_are_rejected_with_their_reason_and_nothing_else_is_lost(tmp_path, shared_data):
-    raw, expected = faulty_nih_tree(shared_data, tmp_path / "raw")
+def test_broken_inputs_are_rejected_with_their_reason_and_nothing_else_is_lost(tmp_path):
+    raw, expected = faulty_nih_tree(tmp_path / "raw")
     config = BuildConfig(source="nih", raw=raw, out=tmp_path / "out", size=SIZE, shard_size=3, workers=2,
                          max_reject_fraction=0.5, quiet=True)
     result = build_shards(config, ManifestOptions(source="nih", ratios=(0.6, 0.2, 0.2)))
@@ -79,8 +81,8 @@ def test_broken_inputs_are_rejected_with_their_reason_and_nothing_else_is_lost(t
     assert (full.loc[table["key"], "shard"].to_numpy() == table["shard"].to_numpy()).all()
 
 
-def test_reject_limit_fails_after_writing_everything(tmp_path, shared_data):
-    raw, expected = faulty_nih_tree(shared_data, tmp_path / "raw")
+def test_reject_limit_fails_after_writing_everything(tmp_path):
+    raw, expected = faulty_nih_tree(tmp_path / "raw")
     config = BuildConfig(source="nih", raw=raw, out=tmp_path / "out", size=SIZE, shard_size=4, workers=1, quiet=True)
     with pytest.raises(RejectLimitError, match=r"5 of 11 images rejected \(45\.45% > --max-reject-fraction 1\.00%") as info:
         build_shards(config, ManifestOptions(source="nih", ratios=(0.6, 0.2, 0.2)))
@@ -90,8 +92,8 @@ def test_reject_limit_fails_after_writing_everything(tmp_path, shared_data):
     check_set(path, raw, size=SIZE, expect=6)
 
 
-def test_verify_names_a_flipped_byte_and_a_missing_file(tmp_path, shared_data):
-    raw = shared_data / "real" / "kermany"
+def test_verify_names_a_flipped_byte_and_a_missing_file(tmp_path, phantom_kermany):
+    raw = phantom_kermany
     result = build_shards(BuildConfig(source="folder", raw=raw, out=tmp_path, size=48, shard_size=4, workers=1,
                                       quiet=True), ManifestOptions(source="folder"))
     assert verify_shards(result.path).ok

@@ -20,11 +20,11 @@ from manifests.options import ManifestOptions
 from tests.test_shard_support import REPO, file_hashes
 
 
-def copies_tree(shared: Path, raw: Path, copies: int) -> Path:
-    """A folder set of `copies` symlinks to each real Kermany image (12 x copies images)."""
+def copies_tree(kermany: Path, raw: Path, copies: int) -> Path:
+    """A folder set of `copies` symlinks to each image of a Kermany-layout folder (12 x copies images)."""
     for cls in ("normal", "abnormal"):
         (raw / cls).mkdir(parents=True)
-        for src in sorted((shared / "real" / "kermany" / cls).glob("*.jpeg")):
+        for src in sorted((kermany / cls).glob("*.jpeg")):
             for c in range(copies):
                 (raw / cls / f"c{c}_{src.name}").symlink_to(src)
     return raw
@@ -40,8 +40,8 @@ def cli_build(raw: Path, out: Path, *extra: str) -> list[str]:
             "--name", "set", "--size", "96", "--shard-size", "2", "--quiet", *extra]
 
 
-def test_kill_9_midway_then_rerun_is_byte_identical(tmp_path, shared_data):
-    raw = copies_tree(shared_data, tmp_path / "raw", copies=4)
+def test_kill_9_midway_then_rerun_is_byte_identical(tmp_path, phantom_kermany):
+    raw = copies_tree(phantom_kermany, tmp_path / "raw", copies=4)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     reference = subprocess.run(cli_build(raw, tmp_path / "ref", "--workers", "1"), env=env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)
@@ -73,8 +73,8 @@ def test_kill_9_midway_then_rerun_is_byte_identical(tmp_path, shared_data):
     assert {**a, "out": None, "workers": None} == {**b, "out": None, "workers": None}
 
 
-def test_failure_after_some_pieces_then_rerun_reuses_them(tmp_path, shared_data, monkeypatch):
-    raw = copies_tree(shared_data, tmp_path / "raw", copies=1)
+def test_failure_after_some_pieces_then_rerun_reuses_them(tmp_path, phantom_kermany, monkeypatch):
+    raw = copies_tree(phantom_kermany, tmp_path / "raw", copies=1)
     options = ManifestOptions(source="folder")
     config = BuildConfig(source="folder", raw=raw, out=tmp_path / "a", name="set", size=64, shard_size=4,
                          workers=1, quiet=True)
@@ -101,8 +101,8 @@ def test_failure_after_some_pieces_then_rerun_reuses_them(tmp_path, shared_data,
     assert comparable(result.path) == comparable(reference.path)
 
 
-def test_a_corrupted_finished_shard_is_rebuilt_on_resume(tmp_path, shared_data, monkeypatch):
-    raw = copies_tree(shared_data, tmp_path / "raw", copies=1)
+def test_a_corrupted_finished_shard_is_rebuilt_on_resume(tmp_path, phantom_kermany, monkeypatch):
+    raw = copies_tree(phantom_kermany, tmp_path / "raw", copies=1)
     options = ManifestOptions(source="folder")
     config = BuildConfig(source="folder", raw=raw, out=tmp_path / "a", name="set", size=64, shard_size=3,
                          format="wds", workers=1, quiet=True)
@@ -127,11 +127,11 @@ def test_a_corrupted_finished_shard_is_rebuilt_on_resume(tmp_path, shared_data, 
 # --- resume trusts nothing stale: sources changed after an interrupted build ---------------------------
 
 
-def copied_tree(shared: Path, raw: Path) -> list[Path]:
-    """Real, writable copies of the 12 Kermany JPEGs (a folder set); returns them sorted."""
+def copied_tree(kermany: Path, raw: Path) -> list[Path]:
+    """Writable copies of the 12 JPEGs of a Kermany-layout folder (a folder set); returns them sorted."""
     for cls in ("normal", "abnormal"):
         (raw / cls).mkdir(parents=True)
-        for src in sorted((shared / "real" / "kermany" / cls).glob("*.jpeg")):
+        for src in sorted((kermany / cls).glob("*.jpeg")):
             shutil.copyfile(src, raw / cls / src.name)
     return sorted(raw.rglob("*.jpeg"))
 
@@ -176,9 +176,9 @@ def interrupt(config: BuildConfig, options: ManifestOptions, mode: str, monkeypa
 
 
 @pytest.mark.parametrize("mode", ["pieces", "finish"])
-def test_resume_after_sources_changed_equals_a_clean_build_of_the_new_sources(tmp_path, shared_data, monkeypatch,
+def test_resume_after_sources_changed_equals_a_clean_build_of_the_new_sources(tmp_path, phantom_kermany, monkeypatch,
                                                                               mode):
-    files = copied_tree(shared_data, tmp_path / "raw")
+    files = copied_tree(phantom_kermany, tmp_path / "raw")
     options = ManifestOptions(source="folder")
     config = BuildConfig(source="folder", raw=tmp_path / "raw", out=tmp_path / "a", name="set", size=64,
                          shard_size=4, workers=1, quiet=True)
@@ -204,8 +204,8 @@ def test_resume_after_sources_changed_equals_a_clean_build_of_the_new_sources(tm
     assert resumed.images == len(files) and resumed.shards_reused == 0
 
 
-def test_a_change_keeping_size_and_mtime_is_caught_by_verify_sources(tmp_path, shared_data, monkeypatch):
-    files = copied_tree(shared_data, tmp_path / "raw")
+def test_a_change_keeping_size_and_mtime_is_caught_by_verify_sources(tmp_path, phantom_kermany, monkeypatch):
+    files = copied_tree(phantom_kermany, tmp_path / "raw")
     options = ManifestOptions(source="folder")
     config = BuildConfig(source="folder", raw=tmp_path / "raw", out=tmp_path / "a", name="set", size=64,
                          shard_size=4, workers=1, quiet=True, verify_sources=True)

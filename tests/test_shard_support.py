@@ -18,7 +18,7 @@ from cxrshards.pixels import preprocess
 from cxrshards.writers import sample_members, tar_end, tar_member, write_h5
 
 REPO = Path(__file__).resolve().parents[1]
-NIH_ROWS = {  # hand-copied from ../shared/data/nih/Data_Entry_2017_v2020.csv.gz
+NIH_ROWS = {  # hand-copied from the real table (tests/data/nih/Data_Entry_2017_v2020.csv.gz holds them)
     "00000001_000.png": "00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143",
     "00000002_000.png": "00000002_000.png,No Finding,0,2,80,M,PA,2500,2048,0.171,0.171",
     "00000013_003.png": "00000013_003.png,Pleural_Thickening,28,13,60,M,AP,2996,2544,0.139,0.139",
@@ -162,11 +162,11 @@ def check_set(set_dir: Path, raw: Path, *, size: int, fit: str = "pad", codec: s
 # --- tiny raw trees ----------------------------------------------------------------------------------------
 
 
-def real_nih_tree(shared: Path, raw: Path) -> Path:
+def real_nih_tree(real: Path, raw: Path) -> Path:
     """An NIH-layout raw root: the 3 real 1024 px images and one 512 px one (symlinks) + their table rows."""
     images = raw / "images_001" / "images"
     images.mkdir(parents=True)
-    sources = sorted((shared / "real" / "nih-1024").glob("*.png")) + [shared / "real" / "nih-512" / "00027426_000.png"]
+    sources = sorted((real / "real" / "nih-1024").glob("*.png")) + [real / "real" / "nih-512" / "00027426_000.png"]
     for src in sources:
         (images / src.name).symlink_to(src)
     (raw / "Data_Entry_2017_v2020.csv").write_text(NIH_HEADER + "\n" + "".join(NIH_ROWS[s.name] + "\n" for s in sources))

@@ -38,3 +38,40 @@ def test_resnet18_learns_the_drawn_findings(phantom_nih, tmp_path):
     assert best >= 0.85, [r["val_auroc_macro"] for r in rows]
     model = load_for_inference(run / "best.pt")
     assert model.labels == list(drawn) and model.task == "multilabel" and model.head == "sigmoid"
+
+
+@pytest.mark.slow
+def test_the_report_shows_a_planted_gap_one_sexs_noisier_labels(phantom_nih, tmp_path):
+    """The phantom run is evaluated on a copy of its own set whose recorded test labels of women are flipped
+    with probability 0.3: `cxr eval --by sex` must show women's AUROC lower, with a CI that excludes men's."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from trainer.evaluation.pipeline import evaluate_run
+
+    torch.set_num_threads(1)
+    drawn = tuple(NIH_PREVALENCE)
+    run = fit(TrainConfig(shards=str(phantom_nih), out=str(tmp_path / "run"), labels=drawn, model="resnet18",
+                          epochs=4, lr=2e-3, batch_size=32, scheduler="cosine", workers=0, device="cpu", seed=0))
+    noisy = tmp_path / "noisy" / phantom_nih.name
+    shutil.copytree(phantom_nih, noisy)
+    table = pd.read_parquet(noisy / "manifest.parquet")
+    women = (table["split"] == "test") & (table["sex"] == "F")
+    assert women.sum() >= 40 and ((table["split"] == "test") & (table["sex"] == "M")).sum() >= 40
+    rng = np.random.default_rng(7)
+    for label in drawn:
+        flip = women.to_numpy() & (rng.random(len(table)) < 0.3)
+        table.loc[flip, label] = 1.0 - table.loc[flip, label]
+    table.to_parquet(noisy / "manifest.parquet")   # the card (and its sha256) is unchanged: still the run's own set
+    report = evaluate_run(run, shards=str(noisy), device="cpu", n_boot=200, by=["sex"], min_group=5, gallery=False,
+                          quiet=True)
+    assert "external" not in report
+    (column,) = report["subgroups"]["columns"]
+    groups = {g["value"]: g for g in column["groups"]}
+    f, m = groups["F"]["macro_auroc"], groups["M"]["macro_auroc"]
+    assert f["value"] < m["value"] and f["high"] < m["value"], (f, m)
+    assert groups["F"]["vs_rest"]["macro_auroc"]["high"] < 0
+    df = pd.read_parquet(tmp_path / "run" / "eval" / "predictions.parquet")
+    assert set(df["sex"]) == {"F", "M"} and len(df) == groups["F"]["images"] + groups["M"]["images"]

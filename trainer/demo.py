@@ -164,7 +164,8 @@ def run_demo(config: DemoConfig | None = None, *, echo: Echo = print, **override
     t0 = step(5, "Evaluating both runs on their test splits (`cxr eval`)")
     reports = {}
     for name in ("nih", "cardiomegaly"):
-        reports[name] = evaluate_run(runs[name], device=cfg.device, n_boot=cfg.n_boot, workers=cfg.workers)
+        reports[name] = evaluate_run(runs[name], device=cfg.device, n_boot=cfg.n_boot, workers=cfg.workers,
+                                     by=("sex", "age") if name == "nih" else ())
         echo(f"      {runs[name]}/eval/: report.html (open it in a browser), report.md, report.json, "
              f"predictions.parquet, roc.png, pr.png, gallery.png")
     done("eval", t0)

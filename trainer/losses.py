@@ -8,14 +8,16 @@ Every loss is the mean over the labelled (sample, label) entries of the batch.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from manifests.errors import CxrError
+
+if TYPE_CHECKING:   # only annotated here: `cxr predict --run` imports this module and needs no pandas
+    import pandas as pd
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

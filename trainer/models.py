@@ -17,11 +17,14 @@ output; DenseNet's equivalent is `transition(K-1)` (compress + pool) followed by
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from manifests.errors import CxrError
@@ -64,6 +67,33 @@ def head_prefix(name: str) -> str:
     return HEAD[family(name)]
 
 
+def architecture(name: str) -> Callable[..., nn.Module]:
+    """torchvision's builder of `name` (`torchvision.models.resnet18`, ...).
+
+    When torchvision is not imported yet, only its resnet and densenet modules are loaded: `import
+    torchvision` runs its package __init__, which imports every model, the detection ops and through
+    them torch._dynamo (~1.9 s of the ~2 s; `cxr predict --run` has no use for any of it). Both package
+    __init__s are skipped for the duration of that import and their modules are dropped from sys.modules
+    afterwards, so a later `import torchvision` anywhere is the ordinary, complete one.
+    """
+    family(name)
+    if "torchvision" in sys.modules:
+        import torchvision.models
+
+        return getattr(torchvision.models, name)
+    before = set(sys.modules)
+    try:
+        for package in ("torchvision", "torchvision.models"):   # the packages, their __init__ not run
+            spec = importlib.util.find_spec(package)
+            sys.modules[package] = importlib.util.module_from_spec(spec)
+        module = importlib.import_module(f"torchvision.models.{family(name)}")
+    finally:
+        for added in set(sys.modules) - before:
+            if added == "torchvision" or added.startswith("torchvision."):
+                del sys.modules[added]
+    return getattr(module, name)
+
+
 def build_model(name: str, num_outputs: int, in_chans: int = 1, seed: int | None = None) -> nn.Module:
     """A torchvision model with an `in_chans`-channel first convolution and `num_outputs` logits.
 
@@ -74,7 +104,7 @@ def build_model(name: str, num_outputs: int, in_chans: int = 1, seed: int | None
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = getattr(torchvision.models, name)(weights=None, num_classes=num_outputs)
+        model = architecture(name)(weights=None, num_classes=num_outputs)
         fam = family(name)
         old = model.get_submodule(STEM[fam])
         conv = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
@@ -103,6 +133,8 @@ _DENSENET_OLD_KEY = re.compile(
 
 def imagenet_file_names(name: str) -> list[str]:
     """torchvision's file names for `name`'s ImageNet weights, IMAGENET1K_V1 first."""
+    import torchvision
+
     enum = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
             "resnet101": "ResNet101_Weights", "densenet121": "DenseNet121_Weights",
             "densenet169": "DenseNet169_Weights"}[name]

@@ -91,7 +91,8 @@ def resampled_sums(resamples: Resamples, rows: np.ndarray, values: np.ndarray) -
     """float64 [1 + n_boot, k]: the sum of `values` [len(rows), k] over `rows` in the sample and each resample."""
     from scipy.sparse import coo_matrix
 
-    values = np.asarray(values, dtype=np.float64).reshape(len(rows), -1)
+    values = np.asarray(values, dtype=np.float64)
+    values = values.reshape(len(rows), 1) if values.ndim == 1 else values   # no rows: still [0, k]
     k = values.shape[1]
     row, column = np.nonzero(values)
     member = coo_matrix((values[row, column], (column, resamples.patient[rows][row])),

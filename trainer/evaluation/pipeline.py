@@ -14,8 +14,10 @@ set also the run's own test split (the internal column; reused from RUN/eval/ wh
 checkpoint and sets, else predicted again). (2) metrics (`trainer.metrics.compute_metrics`) of the pooled table, and
 of each set when there are several; patients are (set, patient_id). (3) report files into `out` (default RUN/eval/,
 or RUN/eval/NAME/ for another set): predictions.parquet, valid_predictions.parquet, internal_predictions.parquet
-(another set), report.json, report.md, roc.png, pr.png, gallery.png. Every number equals scikit-learn's on the
-saved tables. The run's `--views` apply to a set whose split records views; a set recording none is used whole,
+(another set), report.json, report.md, report.html (one self-contained page), roc.png, pr.png, calibration.png
+(every report), subgroups.png (with `by`), gallery.png. Calibration (Brier, 15-bin ECE, patient-bootstrap CIs)
+is in every report; subgroups (`by`) on the evaluated split, after an optional demographics join. Every number
+equals scikit-learn's on the saved tables. The run's `--views` apply to a set whose split records views; a set recording none is used whole,
 and the report says so.
 """
 from __future__ import annotations
@@ -35,9 +37,12 @@ from cxrshards import mix
 from manifests import __version__
 from manifests.errors import CxrError
 from trainer.checkpoint import card_sha256, sets_sha256, trained_card_shas
+from trainer.evaluation.calibration import calibration_metrics, plot_calibration
+from trainer.evaluation.demographics import join_demographics, read_demographics
 from trainer.evaluation.matching import LabelMatch, comparison_rows, match_labels, run_shared_labels
 from trainer.evaluation.report import comparable_macro, references_for, write_report
 from trainer.evaluation.score import CONTEXT_COLUMNS, manifest_context, score, select_keys
+from trainer.evaluation.subgroups import AGE_BANDS, MIN_GROUP, plot_subgroups, subgroup_metrics
 from trainer.metrics import (BOOTSTRAP_SEED, N_BOOTSTRAP, PROB_PREFIX, EvalError, compute_metrics, frame_arrays,
                              macro_auroc, patient_keys, read_predictions, write_predictions, youden_thresholds)
 from trainer.runs import LoadedRun, label_map_for, load_run, run_sets
@@ -66,15 +71,25 @@ def evaluate_run(
     log: Log | None = None,
     gallery: bool = True,
     quiet: bool = False,
+    by: Sequence[str] = (),
+    age_bands: Sequence[float] = AGE_BANDS,
+    min_group: int = MIN_GROUP,
+    demographics: str | Path | None = None,
+    demographics_key: str | None = None,
 ) -> dict:
     """Evaluate a run's checkpoint on one split of its own shard sets, or of `shards` (with `root`); write the
     report files (RUN/eval/, RUN/eval/NAME/ for another set, or `out`); return the report dict.
 
     `label_map`: CSV over the built-in map for matching another set's labels (default: the checkpoint's map).
     A URL set keeps its tars in `cache` (default: the run's --cache, else $CXR_CACHE) when given. `gallery`:
-    also gallery.png; `quiet`: no progress while predicting."""
+    also gallery.png; `quiet`: no progress while predicting. `demographics`: a table joined by patient
+    (`evaluation.demographics`; MIMIC-IV patients.csv as it is, else by `demographics_key`) before `by`:
+    grouping columns (sex, age in `age_bands`, view, set, any joined column) for the subgroup report
+    (`evaluation.subgroups`, a label needs `min_group` positives and negatives in a group)."""
     log = log or (lambda _msg: None)
     started = time.perf_counter()
+    if demographics is not None:
+        read_demographics(demographics, demographics_key)   # a bad table is an error before any prediction
     loaded = load_run(run_dir, ckpt, device)
     inf, ckpt_state = loaded.inference, loaded.inference.checkpoint
     remote = {"cache": cache if cache is not None else inf.config.get("cache"), "cache_gb": inf.config.get("cache_gb")}
@@ -114,6 +129,8 @@ def evaluate_run(
         thresholds = thresholds and {m["shared"]: thresholds[m["run"]] for m in match.matched}
     else:
         labels = names
+    if demographics is not None:
+        df = join_demographics(df, demographics, demographics_key)
     write_predictions(df, out_dir / "predictions.parquet", labels,
                       {"split": split, "sets": [s.name for s in targets],
                        **({"label_match": match.matched} if match else {})})
@@ -137,6 +154,12 @@ def evaluate_run(
     per_set = {s.name: {"shard_set": describe([s]), "metrics": metrics_of(df[df["set"] == s.name].reset_index(drop=True))}
                for s in present} if len(present) > 1 else None
     phantom = _phantom_findings(targets, metrics, names if internal else None, run_shared)
+    calibration = calibration_metrics(df, labels, n_boot=n_boot, seed=seed)
+    subgroups = None
+    if by:
+        log(f"subgroups by {', '.join(by)}: {n_boot} patient resamples")
+        subgroups = subgroup_metrics(df, labels, list(by), thresholds, age_bands=age_bands, min_group=min_group,
+                                     n_boot=n_boot, seed=seed)
 
     # (3) report files
     shard_set = describe(targets)
@@ -152,6 +175,9 @@ def evaluate_run(
         "references": _references(shard_set["source"], metrics),
         "phantom_findings": phantom,
         "metrics": metrics,
+        "calibration": calibration,
+        **({"subgroups": subgroups} if subgroups else {}),
+        **({"demographics": df.attrs["demographics"]} if "demographics" in df.attrs else {}),
         **({"per_set": per_set} if per_set else {}),
         **({"external": _external_section(loaded, targets[0], match, lmap, metrics, internal_df, df, internal_source,
                                           metrics_of, notes, views, labels, n_boot, seed)} if match else {}),
@@ -169,6 +195,10 @@ def evaluate_run(
             report["gallery"] = str(out_dir / "gallery.png")
     title = (f"{loaded.run_dir.name}: {split} split of {shard_set['name']}" + (" (pooled)" if per_set else "")
              + ("" if internal else " (external)"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_calibration(calibration, out_dir / "calibration.png", title=title)
+    if subgroups:
+        plot_subgroups(subgroups, out_dir / "subgroups.png", title=title)
     y, p = frame_arrays(df, labels)
     return write_outputs(report, out_dir, y, p, labels, title, started)
 
@@ -358,8 +388,9 @@ def write_outputs(report: dict, out_dir: Path, y: np.ndarray, p: np.ndarray, lab
     plot_curves("roc", y, p, labels, report["metrics"], out_dir / "roc.png", title=title)
     plot_curves("pr", y, p, labels, report["metrics"], out_dir / "pr.png", title=title)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    files = ["report.json", "report.md", "report.html", "predictions.parquet", "roc.png", "pr.png"]
-    files += [f for f, made in (("valid_predictions.parquet", report.get("valid") is not None),
+    files = ["report.json", "report.md", "report.html", "predictions.parquet", "roc.png", "pr.png",
+             "calibration.png"]
+    files += [f for f, made in (("subgroups.png", "subgroups" in report),("valid_predictions.parquet", report.get("valid") is not None),
                                 ("internal_predictions.parquet", ((report.get("external") or {}).get("internal") or {})
                                  .get("metrics") is not None),
                                 ("gallery.png", "gallery" in report)) if made]

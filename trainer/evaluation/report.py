@@ -134,6 +134,12 @@ def render_markdown(report: dict) -> str:
         rows.append(row)
     out.append(_table(header, rows))
     out += ["", "## Curves", "", "![ROC curves](roc.png)", "", "![Precision-recall curves](pr.png)", ""]
+    if report.get("calibration"):
+        out += calibration_section(report["calibration"])
+    if report.get("subgroups"):
+        from trainer.evaluation.subgroups import subgroups_markdown
+
+        out += [subgroups_markdown(report["subgroups"]), "![Subgroups: macro AUROC with 95% CI](subgroups.png)", ""]
     if report.get("gallery"):
         out += ["## Gallery", "", "Per label (most positives first), the highest-scored true positives and false positives "
                 "at or above the label's threshold chosen on valid, with Grad-CAM heatmaps.", "",
@@ -141,6 +147,24 @@ def render_markdown(report: dict) -> str:
     out += ["Files: `report.json` (every number here), `predictions.parquet` (key, patient_id, true labels, "
             "`prob_LABEL` per label), `valid_predictions.parquet` (the valid split the thresholds come from).", ""]
     return "\n".join(out)
+
+
+def calibration_section(cal: dict) -> list[str]:
+    """Brier score and ECE per label and macro, with their patient-bootstrap intervals, and the diagram."""
+    def ci(e: dict | None) -> str:
+        if not e or e.get("value") is None:
+            return "-"
+        return f"{e['value']:.4f}" + (f" [{e['low']:.4f}, {e['high']:.4f}]" if e.get("low") is not None else "")
+
+    rows = [[name, e["n"], e["positives"], ci(e["brier"]), ci(e["ece"])] for name, e in cal["per_label"].items()]
+    macro = cal["macro"]
+    rows.append(["**macro**", "", "", ci(macro["brier"]), ci(macro["ece"])])
+    return ["## Calibration", "",
+            f"Brier score and expected calibration error (ECE, {cal['n_bins']} equal-width bins of the predicted "
+            "probability, Guo et al. 2017), each with its patient-bootstrap 95% CI; lower is better. The reliability "
+            "diagram plots the observed rate against the mean probability of each bin, with its count.", "",
+            _table(["label", "n", "positives", "Brier [95% CI]", "ECE [95% CI]"], rows), "",
+            "![Reliability diagram](calibration.png)", ""]
 
 
 def per_set_section(report: dict) -> list[str]:
