@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("manifest_bench", "shard_bench", "dicom_bench", "read_bench", "train_bench", "cam_bench", "eval_bench",
-            "export_bench", "gpu")  # gpu: "not measured" without CUDA
+SECTIONS = ("manifest_bench", "shard_bench", "dicom_bench", "read_bench", "train_bench", "resume_bench", "cam_bench",
+            "eval_bench", "export_bench", "gpu")  # gpu: "not measured" without CUDA
 
 
 def machine_line() -> str:

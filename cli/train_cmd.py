@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app, console
+from cli.app import app, console, fail
 from trainer.config import TrainConfig, resolve_config
 
 D = TrainConfig()
@@ -78,22 +78,36 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of init, data order, augmentation." + _d("seed")),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--progress", help="No progress within epochs (the epoch lines stay)." + _d("quiet")),
     log_every: Optional[float] = typer.Option(None, "--log-every", help="Seconds between progress lines when output is not a terminal (nohup, SLURM)." + _d("log_every")),
+    save_every: Optional[float] = typer.Option(None, "--save-every", help="Minutes between last.pt saves inside an epoch (a kill -9 loses at most that); 0 = at epoch ends only." + _d("save_every")),
 ) -> None:
-    """Train a ResNet/DenseNet on a shard set; writes config.json, metrics.csv, last.pt, best.pt."""
+    """Train a ResNet/DenseNet on a shard set; writes config.json, metrics.csv, last.pt, best.pt.
+
+    SIGTERM, SIGINT or SIGUSR1 stop it after the current step with last.pt saved: exit status 128 + the
+    signal's number (143, 130, 138); `cxr train --out RUN --resume` continues at the next batch."""
     from trainer import distributed
     from trainer.fitting import fit
+    from trainer.preempt import Stop
 
     overrides = {k: v for k, v in locals().items()
-                 if k not in ("config", "resume", "resume_from", "fit", "distributed") and v is not None}
+                 if k not in ("config", "resume", "resume_from", "fit", "distributed", "Stop") and v is not None}
     if shards is not None:
         overrides["shards"] = [part for value in shards for part in value.split(",")]
     if resume_from is not None:
         overrides["resume"] = resume_from
     elif resume:
         overrides["resume"] = "last"
+        if out is not None and config is None:   # the run's own options, under the flags given
+            if (Path(out) / "config.json").is_file():
+                config = Path(out) / "config.json"
+            elif shards is None:
+                fail(f"nothing to resume in {out}: no checkpoint at {Path(out) / 'last.pt'}; "
+                     f"start the run without --resume")
     cfg = resolve_config(config, overrides)
     main = distributed.env_info().is_main
-    run_dir = fit(cfg, log=(lambda msg: console.print(msg, highlight=False, soft_wrap=True)) if main else None)
+    try:
+        run_dir = fit(cfg, log=(lambda msg: console.print(msg, highlight=False, soft_wrap=True)) if main else None)
+    except Stop as stop:   # its line is printed already
+        raise typer.Exit(stop.status) from None
     if main:
         _summary(run_dir)
 

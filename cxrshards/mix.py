@@ -254,10 +254,16 @@ class MixedStream(IterableDataset):
         self._pools = [np.arange(len(st._keys), dtype=np.int64) for st in self.streams]
         self._contiguous = any(st.format == "wds" for st in self.streams)
         self._cache: tuple[tuple, tuple] | None = None
+        self.start = 0
 
     # -- per-epoch settings --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def set_start(self, units: int) -> None:
+        """The next iterator begins after this rank's first `units` batches of the epoch (a resume inside
+        it), as `ShardStream.set_start`: the skip is in the plan, those samples are never read."""
+        self.start = int(units)
 
     def set_keys(self, keys: Iterable[str] | None) -> None:
         """Pools of the epoch's draw: these `NAME/KEY` keys (e.g. the per-label cap); None = every sample."""
@@ -317,17 +323,21 @@ class MixedStream(IterableDataset):
     def __iter__(self) -> Iterator:
         worker, num_workers = worker_info()
         orders, rp = self.epoch_plan()
-        wp = rp.worker(worker, num_workers)
+        wp = rp.worker(worker, num_workers, start=self.start)
         counts = np.array([len(o) for o in orders], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])[:-1]
-        set_of = np.searchsorted(offsets, wp.rows, side="right") - 1 if len(wp.rows) else wp.rows
+        group = np.searchsorted(offsets, wp.rows, side="right") - 1 if len(wp.rows) else wp.rows
+        buffers = [st.buffer_order(int(np.count_nonzero(group == s)),
+                                   shuffle_rng(self.seed, self.epoch, self.rank, wp.worker, s))
+                   for s, st in enumerate(self.streams)]
+        rows, sizes, reads = wp.after_buffers(group, buffers)
+        set_of = np.searchsorted(offsets, rows, side="right") - 1 if len(rows) else rows
         encoded = self.decode == "gpu"
         items_of = []
         for s, st in enumerate(self.streams):
-            mine = wp.rows[set_of == s] - offsets[s]
-            rng = shuffle_rng(self.seed, self.epoch, self.rank, worker, s) if self.shuffle else None
-            items_of.append(st.iter_records(orders[s][mine], rng) if encoded else st.iter_images(orders[s][mine], rng))
-        sizes = wp.sizes if wp.sizes is not None else np.ones(len(wp.rows), dtype=np.int64)
+            read, mine = orders[s][reads[s] - offsets[s]], orders[s][rows[set_of == s] - offsets[s]]
+            items_of.append(st.iter_records(read, mine) if encoded else st.iter_images(read, mine))
+        sizes = sizes if sizes is not None else np.ones(len(rows), dtype=np.int64)
         start = 0
         for b in sizes.tolist():
             which = set_of[start:start + b].tolist()

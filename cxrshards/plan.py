@@ -19,10 +19,23 @@ A rank's units (batches, or samples without a batch size) are dealt to DataLoade
 - wds: contiguous blocks of units, so each worker reads only the tars its block overlaps;
 - hdf5: round robin (unit u to worker u % num_workers), so a DataLoader, which takes one unit from each
   worker in turn, yields the rank's units in plan order whatever the number of workers.
+With tar shards a worker reads its rows in plan order (tar order) and yields them through a shuffle buffer
+(`buffer_order`: the buffer only ever moves positions, so its output order is a pure function of the number
+of rows, the buffer size and its RNG). A shard set with several groups (the shard sets of a mix) has one
+buffer per group; slot i of the worker's output takes the next output of the group of its i-th row.
+
+Resuming inside an epoch (`RankPlan.worker(..., start=S)`, S = the rank's units already yielded): the skip
+happens here, never by reading. A DataLoader takes one unit from each worker in turn (skipping finished
+ones), so the S units done are the first S of that round robin; the resumed DataLoader's worker i takes over
+the uninterrupted epoch's worker (w* + i) % num_workers (w* = the worker owing unit S), which keeps the
+round robin's order; each worker's plan says how many of its units are done (`skip`), and its
+shuffle buffers are replayed on positions (`WorkerPlan.after_buffers`), so the rows still to yield come out
+exactly as in the uninterrupted epoch and only they are read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -81,12 +94,71 @@ def batch_sizes(n: int, k: int, batch_size: int) -> np.ndarray:
     return (1 + fill).astype(np.int64)
 
 
+def buffer_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Output order (positions 0..n-1) of a shuffle buffer of `size` fed n items in order.
+
+    The buffer keeps `size` items; each further item takes the place of a random one (drawn from
+    `rng.integers(0, size, 1024)` blocks), which is emitted; at the end the rest come out in the order of
+    `rng.permutation`. Holding positions instead of samples gives the very order a buffer of samples gives.
+    """
+    out = np.empty(n, dtype=np.int64)
+    buf = list(range(min(size, n)))
+    k = 0
+    draws: list[int] = []
+    at = 0
+    for item in range(len(buf), n):
+        if at == len(draws):
+            draws, at = rng.integers(0, size, 1024).tolist(), 0
+        j = draws[at]
+        at += 1
+        out[k] = buf[j]
+        buf[j] = item
+        k += 1
+    for j in rng.permutation(len(buf)).tolist():
+        out[k] = buf[j]
+        k += 1
+    return out
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What one worker of one rank reads: `rows` in read order, cut into `sizes` (None: yield samples)."""
+    """What one worker of one rank reads: `rows` in read order, cut into `sizes` (None: yield samples).
+
+    `worker`: the worker of the uninterrupted epoch this share is (it seeds the shuffle buffers); `skip`:
+    how many of its units were already yielded before a resume (never read again)."""
 
     rows: np.ndarray
     sizes: np.ndarray | None
+    worker: int = 0
+    skip: int = 0
+
+    @property
+    def done_samples(self) -> int:
+        """Samples of the units already done."""
+        return self.skip if self.sizes is None else int(self.sizes[:self.skip].sum())
+
+    def after_buffers(self, groups: np.ndarray | None = None, orders: Sequence[np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
+        """(rows still to yield, in yield order; their unit sizes; each group's rows still to read, in read order).
+
+        `groups[i]`: the group of `rows[i]` (None: one group); `orders[g]`: the output order of group g's
+        buffer (`buffer_order` over its rows; None: no buffers, rows come out as read).
+        """
+        groups = np.zeros(len(self.rows), dtype=np.int64) if groups is None else np.asarray(groups)
+        n_groups = int(groups.max()) + 1 if len(groups) else 1
+        if orders is None:
+            orders = [np.arange(int(np.count_nonzero(groups == g)), dtype=np.int64) for g in range(n_groups)]
+        done = self.done_samples
+        emitted = np.empty_like(self.rows)
+        reads = []
+        for g, order in enumerate(orders):
+            at = np.flatnonzero(groups == g)
+            mine = self.rows[at]
+            emitted[at] = mine[order]
+            gone = int(np.count_nonzero(groups[:done] == g))
+            reads.append(mine[np.sort(order[gone:])])
+        sizes = None if self.sizes is None else self.sizes[self.skip:]
+        return emitted[done:], sizes, reads
 
 
 @dataclass(frozen=True)
@@ -101,22 +173,45 @@ class RankPlan:
         """Units this rank yields: batches, or samples without a batch size."""
         return len(self.rows) if self.sizes is None else len(self.sizes)
 
-    def worker(self, worker: int, num_workers: int) -> WorkerPlan:
-        """The part of this rank read by DataLoader worker `worker` of `num_workers`."""
+    def worker(self, worker: int, num_workers: int, start: int = 0) -> WorkerPlan:
+        """The part of this rank read by DataLoader worker `worker` of `num_workers`, when the DataLoader
+        has already yielded the rank's first `start` units (a resume; see the module rules)."""
         units = len(self)
+        start = min(max(int(start), 0), units)
         if self.contiguous_workers:
-            u0, u1 = split_range(units, num_workers, worker)
+            source, skip = resumed_worker(units, num_workers, worker, start)
+            u0, u1 = split_range(units, num_workers, source)
             if self.sizes is None:
-                return WorkerPlan(self.rows[u0:u1], None)
+                return WorkerPlan(self.rows[u0:u1], None, source, skip)
             ends = np.concatenate([[0], np.cumsum(self.sizes)])
-            return WorkerPlan(self.rows[ends[u0]:ends[u1]], self.sizes[u0:u1])
-        picked = np.arange(worker, units, num_workers)
+            return WorkerPlan(self.rows[ends[u0]:ends[u1]], self.sizes[u0:u1], source, skip)
+        picked = np.arange(start + worker, units, num_workers)
         if self.sizes is None:
-            return WorkerPlan(self.rows[picked], None)
+            return WorkerPlan(self.rows[picked], None, worker)
         ends = np.concatenate([[0], np.cumsum(self.sizes)])
         parts = [self.rows[ends[u]:ends[u + 1]] for u in picked]
         rows = np.concatenate(parts) if parts else self.rows[:0]
-        return WorkerPlan(rows, self.sizes[picked])
+        return WorkerPlan(rows, self.sizes[picked], worker)
+
+
+def resumed_worker(units: int, num_workers: int, worker: int, start: int) -> tuple[int, int]:
+    """(the uninterrupted epoch's worker whose block resumed worker `worker` reads, its units already done)
+    when `units` are dealt to workers in contiguous blocks and the DataLoader's round robin yielded `start`.
+
+    Block w holds n_w units (split_range: the larger blocks first). The round robin yields unit j of block w
+    at position j * num_workers + w while every block has a unit j, then the larger blocks' last units.
+    """
+    if start <= 0:
+        return worker, 0
+    base, extra = divmod(units, num_workers)
+    if start >= units:
+        return worker, split_range(units, num_workers, worker)[1] - split_range(units, num_workers, worker)[0]
+    if start < base * num_workers:
+        round_, first = divmod(start, num_workers)
+    else:
+        round_, first = base, start - base * num_workers
+    source = (first + worker) % num_workers
+    return source, round_ if source >= first else round_ + 1
 
 
 def rank_plan(order: np.ndarray, rank: int, world_size: int, batch_size: int | None,

@@ -227,22 +227,18 @@ class _H5Images:
         return {"path": self.path, "_pid": None, "_file": None, "_ds": None, "_direct": False}
 
 
-def _shuffle_buffer(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
-    """Local shuffle: keep `size` items, emit a random one as each new item arrives, then the rest."""
-    buf: list = []
-    draws: Iterator[int] = iter(())
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = next(draws, None)
-        if j is None:
-            draws = iter(rng.integers(0, size, 1024).tolist())
-            j = next(draws)
-        buf[j], item = item, buf[j]
-        yield item
-    for j in rng.permutation(len(buf)).tolist():
-        yield buf[j]
+def _in_order(records: Iterable[tuple], order: np.ndarray, where: Path | str) -> Iterator[tuple]:
+    """`records` ((row, ...) in read order) re-emitted in `order` (rows), holding those read ahead of their
+    turn: with an order from `plan.buffer_order` that is the shuffle buffer's own holding, at most its size."""
+    held: dict[int, tuple] = {}
+    records = iter(records)
+    for row in order.tolist():
+        while row not in held:
+            got = next(records, None)
+            if got is None:   # cannot happen with a consistent plan; never yield a short epoch silently
+                raise CxrError(f"{where}: the shards ran out of samples mid-epoch")
+            held[got[0]] = got
+        yield held.pop(row)
 
 
 def _key_bytes(keys: Iterable[str]) -> np.ndarray:
@@ -280,6 +276,7 @@ class ShardStream(IterableDataset):
         self._selected = np.arange(len(self._keys), dtype=np.int64)
         self._plan_cache: tuple[tuple, planning.RankPlan] | None = None
         self._table = None
+        self.start = 0
         self.set_keys(keys)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -334,6 +331,13 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: order and shuffle buffer are pure functions of (seed, epoch)."""
         self.epoch = int(epoch)
+
+    def set_start(self, units: int) -> None:
+        """The next iterator begins after this rank's first `units` batches (samples without a batch size) of
+        the epoch, as a DataLoader with the same number of workers would have yielded them: a resume inside
+        an epoch. They are neither read nor decoded (`cxrshards.plan`). 0: the whole epoch. `len()` stays
+        the epoch's."""
+        self.start = int(units)
 
     def set_keys(self, keys: Iterable[str] | None) -> None:
         """Read only these keys (e.g. the per-label cap of this epoch); None reads the whole split.
@@ -410,26 +414,30 @@ class ShardStream(IterableDataset):
         from cxrshards import pixels
 
         worker, num_workers = worker_info()
-        wp = self.rank_plan().worker(worker, num_workers)
+        wp = self.rank_plan().worker(worker, num_workers, start=self.start)
         if self.format == "hdf5":
-            return self._iter_h5(wp)
-        records = self._wds_records(wp.rows)
-        if self.shuffle and self.shuffle_buffer > 1:
-            rng = planning.epoch_rng(self.seed, self.epoch, self.rank, worker)
-            records = _shuffle_buffer(records, self.shuffle_buffer, rng)
-        return self._emit_wds(records, wp.sizes, _Decoder(pixels.decode, self.size))
+            rows, sizes, _ = wp.after_buffers()
+            return self._iter_h5(rows, sizes)
+        rng = planning.epoch_rng(self.seed, self.epoch, self.rank, wp.worker)
+        rows, sizes, (read,) = wp.after_buffers(None, [self.buffer_order(len(wp.rows), rng)])
+        records = _in_order(self._wds_records(read), rows, self.shard_dir)
+        return self._emit_wds(records, sizes, _Decoder(pixels.decode, self.size))
 
-    def iter_records(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Iterator[tuple[int, Any, str]]:
-        """(row, encoded image, codec) for each of `rows` of a tar split, for readers that make their own
-        batches (`cxrshards.mix`): each tar read once in the order given, then through the shuffle buffer when
-        `rng` is given (so rows may come out in another order, each exactly once)."""
-        records = self._wds_records(rows)
-        if rng is not None and self.shuffle_buffer > 1:
-            records = _shuffle_buffer(records, self.shuffle_buffer, rng)
-        return records
+    def buffer_order(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Output order of a worker's shuffle buffer over its n rows this epoch, drawn from `rng` (e.g. seeded
+        by (seed, epoch, rank, worker)); identity without shuffling or for hdf5."""
+        if self.format != "wds" or not self.shuffle or self.shuffle_buffer <= 1:
+            return np.arange(n, dtype=np.int64)
+        return planning.buffer_order(n, self.shuffle_buffer, rng)
 
-    def iter_images(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(row, uint8 S x S image) for each of `rows` (hdf5: in the order given; wds: as `iter_records`)."""
+    def iter_records(self, read: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, Any, str]]:
+        """(row, encoded image, codec) for each of `rows` of a tar split in that order, reading `read` (the same
+        rows in read order: each tar once), for readers that make their own batches (`cxrshards.mix`)."""
+        return _in_order(self._wds_records(read), rows, self.where)
+
+    def iter_images(self, read: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, uint8 S x S image) for each of `rows` in that order (hdf5: reading them so; wds: as
+        `iter_records`)."""
         from cxrshards import pixels
 
         if self.format == "hdf5":
@@ -443,7 +451,7 @@ class ShardStream(IterableDataset):
                 h5.close()
             return
         decode = _Decoder(pixels.decode, self.size)
-        for row, data, codec in self.iter_records(rows, rng):
+        for row, data, codec in self.iter_records(read, rows):
             yield row, self._decode(decode, data, codec, row)
 
     def encoded_tensor(self, row: int, data, codec: str) -> torch.Tensor:
@@ -542,13 +550,13 @@ class ShardStream(IterableDataset):
         return (images, torch.from_numpy(self._label_values[rows]),
                 [k.decode() for k in self._keys[rows].tolist()])
 
-    def _iter_h5(self, wp: planning.WorkerPlan) -> Iterator:
+    def _iter_h5(self, plan_rows: np.ndarray, sizes: np.ndarray | None) -> Iterator:
         h5 = _H5Images(self.shard_dir / f"{self.split}.h5")
         try:
-            if wp.sizes is not None:
+            if sizes is not None:
                 start = 0
-                for b in wp.sizes.tolist():
-                    rows = wp.rows[start:start + b]
+                for b in sizes.tolist():
+                    rows = plan_rows[start:start + b]
                     start += b
                     images = torch.empty((b, 1, self.size, self.size), dtype=torch.uint8)
                     out = images.numpy()
@@ -558,8 +566,8 @@ class ShardStream(IterableDataset):
                     yield self._collate(images, rows)
                 return
             block = max(1, min(256, _H5_BLOCK_BYTES // (self.size * self.size)))
-            for start in range(0, len(wp.rows), block):
-                rows = wp.rows[start:start + block]
+            for start in range(0, len(plan_rows), block):
+                rows = plan_rows[start:start + block]
                 where = self._h5_index[rows]
                 out = [None] * len(rows)
                 for j in np.argsort(where, kind="stable").tolist():

@@ -89,6 +89,7 @@ class TrainConfig:
     # --- run folder
     out: str = ""                           # run folder: config.json, metrics.csv, last.pt, best.pt, cards/NAME.json
     resume: str | None = None               # None | "last" (OUT/last.pt) | path to a checkpoint
+    save_every: float = 10.0                # minutes between last.pt saves inside an epoch; 0 = epoch ends only
 
     def __post_init__(self) -> None:
         # A single set may be given as a plain string (old config.json files, TrainConfig(shards="nih-224")).
@@ -145,7 +146,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be > 0")
         non_negative = {"weight_decay": self.weight_decay, "warmup": self.warmup, "workers": self.workers,
                         "max_per_label": self.max_per_label, "early_stop": self.early_stop,
-                        "min_lr": self.min_lr, "focal_gamma": self.focal_gamma, "momentum": self.momentum}
+                        "min_lr": self.min_lr, "focal_gamma": self.focal_gamma, "momentum": self.momentum,
+                        "save_every": self.save_every}
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 0")
@@ -199,7 +201,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             return tuple(float(v) for v in value)
-        if key in ("lr", "weight_decay", "momentum", "gamma", "min_lr", "focal_gamma", "focal_alpha", "cache_gb"):
+        if key in ("lr", "weight_decay", "momentum", "gamma", "min_lr", "focal_gamma", "focal_alpha", "cache_gb",
+                   "save_every"):
             return float(value)
         if key in ("max_per_label", "workers", "shuffle_buffer", "stage", "step_size", "warmup", "epochs",
                    "batch_size", "early_stop", "seed"):
@@ -263,4 +266,5 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
 
 # Fields that may change between a run and its --resume: they do not change the arithmetic.
 RESUMABLE_CHANGES = frozenset({"epochs", "early_stop", "workers", "device", "out", "resume", "compile",
-                               "root", "shards", "quiet", "log_every", "cache", "cache_gb"})
+                               "root", "shards", "quiet", "log_every", "cache", "cache_gb",
+                               "save_every"})

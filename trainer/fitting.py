@@ -40,6 +40,7 @@ from trainer.augment import AugmentSpec
 from trainer.checkpoint import (CheckpointError, card_sha256, load_checkpoint, restore_rng, rng_state,
                                 save_checkpoint, sets_sha256, trained_card_shas)
 from trainer.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from trainer.preempt import Preemption, Stop, exit_status, resume_line, stop_line
 from trainer.watch import Progress, TensorBoard, plot_training_curves
 from trainer.loop import DivergenceError, EpochStats, divergence_message, predict_logits, train_one_epoch
 from trainer.losses import make_loss, pos_weight_from_table, probabilities
@@ -173,6 +174,25 @@ def _check_resume(state: dict, cfg: TrainConfig, data: RunData) -> None:
                               + "; resume with the run's own options or start a new --out")
 
 
+def _check_position(state: dict, cfg: TrainConfig, info: distributed.DistInfo, log: Log) -> None:
+    """A checkpoint from inside an epoch resumes only where its epoch's plan is the same; a finished run
+    has nothing to resume (`Stop`, status 0)."""
+    where, done = state["path"], int(state.get("batches_done", 0))
+    if not done and int(state["epoch"]) >= cfg.epochs:
+        line = (f"{cfg.out} already finished: {state['epoch']} of {cfg.epochs} epochs done, nothing to resume "
+                f"(pass a larger --epochs to train on)")
+        log(line)
+        raise Stop(line, 0)
+    if done and int(state.get("world_size", 1)) != info.world_size:
+        raise CheckpointError(f"{where} stopped inside epoch {int(state['epoch']) + 1} with "
+                              f"{state.get('world_size', 1)} rank(s): resume it with as many ranks (this run has "
+                              f"{info.world_size}), or from an epoch's end")
+    if done and max(1, int(state.get("workers", cfg.workers))) != max(1, cfg.workers):
+        raise CheckpointError(f"{where} stopped inside epoch {int(state['epoch']) + 1} with --workers "
+                              f"{state['workers']}: resume it with --workers {state['workers']} (the order of an "
+                              f"epoch's batches depends on it)")
+
+
 def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -197,13 +217,26 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, labels: list[str], task: s
     log(f"init: {src['path']} ({'whole model' if keep_head else 'backbone; new head for ' + ', '.join(labels)})")
 
 
-def state_sha256(model: nn.Module) -> str:
-    """sha256 over the names and bytes of every tensor of the model's state dict."""
+def state_sha256(model: nn.Module, buffers: bool = True) -> str:
+    """sha256 over the names and bytes of every tensor of the model's state dict (`buffers=False`: of its
+    parameters only)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _write_state_hash(model: nn.Module, rank: int, stopped: bool = False) -> None:
+    """The STATE_HASH_ENV hook: this rank's weights' sha256 in DIR/rankR.sha256 at the end; at a stop inside
+    an epoch its parameters' in DIR/rankR.stop.sha256 (BatchNorm statistics differ between ranks until the
+    epoch's end averages them)."""
+    hash_dir = os.environ.get(STATE_HASH_ENV)
+    if hash_dir:
+        Path(hash_dir).mkdir(parents=True, exist_ok=True)
+        name = f"rank{rank}.stop.sha256" if stopped else f"rank{rank}.sha256"
+        (Path(hash_dir) / name).write_text(state_sha256(model, buffers=not stopped) + "\n")
 
 
 def epoch_keys(cfg: TrainConfig, table, labels: list[str], epoch: int) -> list[str]:
@@ -309,10 +342,11 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
     if cfg.resume:
         ckpt = run_dir / "last.pt" if cfg.resume == "last" else Path(cfg.resume)
         if not ckpt.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt}"
-                                  + (" (the run never finished an epoch)" if cfg.resume == "last" else ""))
+            raise CheckpointError(f"nothing to resume in {run_dir}: no checkpoint at {ckpt}; start the run "
+                                  f"without --resume" if cfg.resume == "last" else f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
         _check_resume(state, cfg, data)
+        _check_position(state, cfg, info, log)
         data.labels = mix.RunLabels(list(state["labels"]), data.labels.shared)   # the run keeps its own names
     elif (run_dir / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it or pick another --out")
@@ -341,7 +375,6 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
         best = float(state["best_metric"]) if state.get("best_metric") is not None else float("-inf")
         best_epoch = int(state.get("best_epoch", 0))
         restore_rng(state.get("rng", {}))
-        log(f"resume: {state['path']} after epoch {start_epoch} (step {step})")
 
     net: nn.Module = model
     if info.enabled:
@@ -388,26 +421,95 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
         + (f" x{info.world_size} ranks" if info.enabled else "") + f", epochs {start_epoch + 1}..{cfg.epochs}")
 
     progress = Progress(epochs=cfg.epochs, quiet=cfg.quiet or not info.is_main, log_every=cfg.log_every)
-    board = TensorBoard(run_dir, enabled=info.is_main)
+    # a resumed run's TensorBoard drops what the run logged after its checkpoint (steps are 1-based)
+    board = TensorBoard(run_dir, enabled=info.is_main, purge_step=step + 1 if state is not None else None)
     board.inputs_done = state is not None    # the input grid is written once per run, at its first batch
 
     def on_batch(report) -> None:
         progress.update(report)
         board.steps(report.losses)
 
+    def checkpoint(epochs_done: int, steps_done: int, batches_done: int, batches: int,
+                   stats: EpochStats) -> dict[str, Any]:
+        """last.pt's contents: after `epochs_done` epochs and `batches_done` of the next one's `batches`
+        (`steps_done` optimizer steps in all)."""
+        position = {}
+        if batches_done:
+            position = {"batches_done": batches_done, "batches": batches, "workers": cfg.workers,
+                        "epoch_stats": {"loss_sum": stats.loss_sum, "samples": stats.samples,
+                                        "seconds": stats.seconds, "wait_seconds": stats.wait_seconds}}
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule_state(cfg, steps_done, epochs_done + batches_done / max(batches, 1), stats.lr),
+            "scaler": scaler.state_dict(), "epoch": epochs_done, "step": steps_done, **position, "rng": rng_state(),
+            "config": dataclasses.replace(cfg, resume=None).to_dict(),
+            "task": task, "head": head,
+            "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
+            "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
+            **data.checkpoint_fields(label_map),
+        }
+
+    skip = int(state.get("batches_done", 0)) if state is not None else 0
+    carry = None
+    if skip:
+        done = state["epoch_stats"]
+        carry = EpochStats(loss=float("nan"), samples=int(done["samples"]), steps=0, seconds=float(done["seconds"]),
+                           wait_seconds=float(done["wait_seconds"]), lr=float("nan"),
+                           loss_sum=float(done["loss_sum"]), batches=skip)
+
+    preempt = Preemption(cfg.save_every, is_main=info.is_main)
+
+    def stopping(epoch: int, batches_done: int, batches: int, signum: int) -> Stop:
+        """last.pt is written: say so, and let no rank leave before rank 0 has (torchrun ends the others)."""
+        line = stop_line(epoch, batches_done, batches, signum, str(run_dir))
+        log(line)
+        _write_state_hash(model, info.rank, stopped=True)
+        distributed.barrier()
+        return Stop(line, exit_status(signum))
     try:
+        preempt.start()
         for epoch in range(start_epoch, cfg.epochs):
             train_stream.set_epoch(epoch)
             if table is not None:
                 train_stream.set_keys(epoch_keys(cfg, table, labels, epoch))
-            progress.start_epoch(epoch, len(train_loader))
+            train_stream.set_start(skip)
+            batches = len(train_loader)
+            if state is not None and epoch == start_epoch:
+                if skip and int(state.get("batches", batches)) != batches:
+                    raise CheckpointError(f"{state['path']} stopped at batch {skip} of {state['batches']} in epoch "
+                                          f"{epoch + 1}, but this run has {batches} batches there: resume with the "
+                                          f"run's own shard sets and options")
+                log(resume_line(str(run_dir), epoch, skip, batches))
+            _, signum = preempt.poll()
+            if signum:   # a signal during start-up or the last validation
+                if info.is_main:
+                    save_checkpoint(run_dir / "last.pt", checkpoint(epoch, step, skip, batches, carry or EpochStats(
+                        float("nan"), 0, 0, 0.0, 0.0, float("nan"))))
+                raise stopping(epoch, skip, batches, signum)
+
+            def after_step(batches_done: int, steps: int, snapshot, epoch=epoch, batches=batches) -> bool:
+                save, signum = preempt.poll(step + steps)
+                if not save or batches_done >= batches:   # the last step: the epoch ends as usual
+                    return False
+                stats_so_far = snapshot()   # every rank: it sums the epoch's losses over the ranks
+                if info.is_main:
+                    save_checkpoint(run_dir / "last.pt", checkpoint(epoch, step + steps, batches_done, batches,
+                                                                    stats_so_far))
+                preempt.saved()
+                return bool(signum)
+
+            progress.start_epoch(epoch, batches)
             stats: EpochStats = train_one_epoch(
                 net, train_loader, optimizer, loss_fn, device, epoch=epoch, start_step=step, lr_at=lr_at,
                 augment=spec, seed=cfg.seed, rank=info.rank, precision=cfg.precision,
                 scaler=scaler, channels_last=cfg.channels_last, set_train_mode=train_mode, on_batch=on_batch,
-                on_inputs=None if board.inputs_done else board.inputs)
+                on_inputs=None if board.inputs_done else board.inputs, start_batch=skip, carry=carry,
+                after_step=after_step)
             progress.end_epoch(progress.last)
             step += stats.steps
+            skip, carry = 0, None
+            if stats.batches < batches:
+                raise stopping(epoch, stats.batches, batches, preempt.signum)
             distributed.average_buffers(model)
             val = validate(model, valid_loader, loss_fn, device, head=head, mean=mean, std=std,
                            precision=cfg.precision, channels_last=cfg.channels_last, sets=[s.name for s in data.sets])
@@ -420,21 +522,13 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                 best, best_epoch = macro, epoch + 1
             rows.append(_metrics_row(epoch + 1, stats, val, labels))
             if info.is_main:
-                ckpt = {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule_state(cfg, step, float(epoch + 1), stats.lr), "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1, "step": step, "rng": rng_state(),
-                    "config": dataclasses.replace(cfg, resume=None).to_dict(),
-                    "task": task, "head": head,
-                    "best_metric": None if best == float("-inf") else best, "best_epoch": best_epoch,
-                    "normalize": [mean, std], "world_size": info.world_size, "version": __version__,
-                    **data.checkpoint_fields(label_map),
-                }
+                ckpt = checkpoint(epoch + 1, step, 0, batches, stats)
                 save_checkpoint(run_dir / "last.pt", ckpt)
                 if improved or not (run_dir / "best.pt").exists():
                     save_checkpoint(run_dir / "best.pt", ckpt)
                 _write_metrics(run_dir / "metrics.csv", rows)
                 plot_training_curves(rows, run_dir / "curves.png", [f"val_auroc_macro_{n}" for n in val.per_set])
+            preempt.saved()
             board.epoch(epoch + 1, train_loss=stats.loss, val_loss=val.loss, macro=val.macro, micro=val.micro,
                         per_label=dict(zip(labels, map(float, val.per_label))), samples_per_s=stats.samples_per_s,
                         wait_fraction=stats.wait_fraction, pr=(val.y, val.probs, labels) if val.y is not None else None)
@@ -447,11 +541,9 @@ def _fit(cfg: TrainConfig, device: torch.device, info: distributed.DistInfo, log
                 log(f"early stop: no better val macro AUROC{' of ' + cfg.select_on if cfg.select_on else ''} for {cfg.early_stop} epoch(s) (best {best:.4f} at epoch {best_epoch})")
                 break
         distributed.barrier()
-        hash_dir = os.environ.get(STATE_HASH_ENV)
-        if hash_dir:
-            Path(hash_dir).mkdir(parents=True, exist_ok=True)
-            (Path(hash_dir) / f"rank{info.rank}.sha256").write_text(state_sha256(model) + "\n")
+        _write_state_hash(model, info.rank)
     finally:
+        preempt.close()
         progress.end_epoch(None)
         board.close()
     return run_dir

@@ -39,6 +39,8 @@ class EpochStats:
     seconds: float           # wall time of the epoch
     wait_seconds: float      # time spent waiting for the next batch (this rank)
     lr: float                # learning rate of the last step
+    loss_sum: float = 0.0    # sum of sample losses (all ranks): loss = loss_sum / samples
+    batches: int = 0         # batches of the epoch done (those before a resume included)
 
     @property
     def samples_per_s(self) -> float:
@@ -79,8 +81,17 @@ def train_one_epoch(
     set_train_mode: Callable[[nn.Module], None] | None = None,
     on_batch: Callable | None = None,
     on_inputs: Callable[[torch.Tensor, int], None] | None = None,
+    start_batch: int = 0,
+    carry: EpochStats | None = None,
+    after_step: Callable[[int, int, Callable[[], EpochStats]], bool] | None = None,
 ) -> EpochStats:
     """Train `model` for one pass over `loader` (batches of (uint8 images, float labels, keys)).
+
+    Resuming inside an epoch: `loader` yields the epoch's batches after its first `start_batch` (the
+    stream's `set_start`), `start_step` is the global step reached, and `carry` the totals of the batches
+    done before (added to the returned stats). `after_step(batches_done, steps_done, snapshot)` is called
+    after every step (`snapshot()` gives the epoch's stats so far, a collective call under torchrun);
+    True stops the epoch there (the returned `batches` is then short of the epoch's).
 
     The learning rate of step s is `lr_at(s, progress)` (progress = epoch + batch / batches); the
     augmentation of step s draws from `batch_generator(seed, epoch, s, rank)`. A final batch of a
@@ -100,8 +111,9 @@ def train_one_epoch(
     lr = float("nan")
     start = time.perf_counter()
     it = iter(loader)
-    i = 0
+    i = consumed = int(start_batch)
     pending: list[tuple[int, torch.Tensor, float]] = []
+    before = carry or EpochStats(0.0, 0, 0, 0.0, 0.0, float("nan"))
 
     def flush() -> list[tuple[int, float, float]]:
         if not pending:
@@ -114,6 +126,20 @@ def train_one_epoch(
                 raise DivergenceError(divergence_message("the training loss", epoch, s, lr_s, v))
         return done
 
+    def totals() -> EpochStats:
+        """The epoch so far (all ranks; `carry` included), after reading back the pending losses."""
+        flushed = flush()
+        if on_batch is not None and flushed:
+            on_batch(_report(i, n_batches, samples, time.perf_counter() - start, wait, flushed))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        total_loss, total_samples = distributed.all_reduce_sum([float(loss_sum.item()), float(samples)], device)
+        total_loss, total_samples = total_loss + before.loss_sum, int(total_samples) + before.samples
+        return EpochStats(loss=total_loss / max(total_samples, 1), samples=total_samples, steps=step - start_step,
+                          seconds=seconds + before.seconds, wait_seconds=wait + before.wait_seconds, lr=lr,
+                          loss_sum=total_loss, batches=consumed)
+
     while True:
         t0 = time.perf_counter()
         try:
@@ -121,6 +147,7 @@ def train_one_epoch(
         except StopIteration:
             break
         wait += time.perf_counter() - t0
+        consumed += 1
         if images.shape[0] == 1 and not distributed.is_enabled():
             continue  # BatchNorm cannot train on a single sample (1x1 maps at small sizes); like drop_last
         x = images.to(device, non_blocking=True)
@@ -152,15 +179,9 @@ def train_one_epoch(
         flushed = flush() if len(pending) >= FLUSH_EVERY else []
         if on_batch is not None:
             on_batch(_report(i, n_batches, samples, time.perf_counter() - start, wait, flushed))
-    flushed = flush()
-    if on_batch is not None and flushed:
-        on_batch(_report(i, n_batches, samples, time.perf_counter() - start, wait, flushed))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    total_loss, total_samples = distributed.all_reduce_sum([float(loss_sum.item()), float(samples)], device)
-    return EpochStats(loss=total_loss / max(total_samples, 1), samples=int(total_samples), steps=step - start_step,
-                      seconds=seconds, wait_seconds=wait, lr=lr)
+        if after_step is not None and after_step(consumed, step - start_step, totals):
+            break
+    return totals()
 
 
 def _report(batch: int, batches: int, samples: int, seconds: float, wait: float, losses):

@@ -119,12 +119,14 @@ class Progress:
 class TensorBoard:
     """The run's SummaryWriter (`RUN/tb/`); every method is a no-op when not `enabled` (ranks > 0)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None) -> None:
+        """`purge_step`: a resumed run's first step; TensorBoard drops the events the run wrote at or after it
+        before it was stopped (so no step appears twice)."""
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
         self.inputs_done = False
 
     def steps(self, losses: Sequence[tuple[int, float, float]]) -> None:
