@@ -203,7 +203,8 @@ def eval_command(
         print_external(report)
     if report.get("subgroups"):
         print_subgroups(report["subgroups"])
-    console.print(f"open in a browser (self-contained, works offline): [bold]{report['files']['report.html']}[/]")
+    console.print(f"open in a browser (self-contained, works offline): [bold]{report['files']['report.html']}[/]",
+                  soft_wrap=True)   # a path broken over two lines cannot be copied or clicked
 
 
 @app.command("predict")
