@@ -57,14 +57,8 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def measure_shards(shard_dir: str, fmt: str) -> dict:
-    """Samples/s of full epochs of the train split into uint8 batches of 64 (after one warm-up epoch).
-
-    `shard_dir` may be a URL: then every epoch streams the tars again (no cache)."""
-    _one_core()
-    import cxrshards
-
-    stream = cxrshards.open_shards(shard_dir, "train", format=fmt, batch_size=BATCH, seed=0)
+def _read_epochs(stream) -> dict:
+    """Samples/s of full epochs of `stream` (after one warm-up epoch), with the process's peak RSS."""
     rss_before = peak = _rss_mib()
     n = sum(len(keys) for _, _, keys in stream)  # warm-up: page cache, first-use imports
     samples, epochs, started = 0, 0, time.perf_counter()
@@ -79,6 +73,16 @@ def measure_shards(shard_dir: str, fmt: str) -> dict:
             "peak_rss_mib": peak, "rss_before_mib": rss_before}
 
 
+def measure_shards(shard_dir: str, fmt: str) -> dict:
+    """Samples/s of full epochs of the train split into uint8 batches of 64 (after one warm-up epoch).
+
+    `shard_dir` may be a URL: then every epoch streams the tars again (no cache)."""
+    _one_core()
+    import cxrshards
+
+    return _read_epochs(cxrshards.open_shards(shard_dir, "train", format=fmt, batch_size=BATCH, seed=0))
+
+
 def measure_mix_of_one(shard_dir: str, fmt: str) -> dict:
     """`measure_shards` through the training read path: the set as a mix of one (`cxrshards.mix.open_mix`)."""
     _one_core()
@@ -86,16 +90,7 @@ def measure_mix_of_one(shard_dir: str, fmt: str) -> dict:
     from manifests.labelmap import load_label_map
 
     sets = mix.resolve_sets([shard_dir], None, load_label_map())
-    stream = mix.open_mix(sets, "train", mix.run_labels(sets).shared, format=fmt, batch_size=BATCH, seed=0)
-    n = sum(len(keys) for _, _, keys in stream)
-    samples, epochs, started = 0, 0, time.perf_counter()
-    while time.perf_counter() - started < MIN_SECONDS:
-        epochs += 1
-        stream.set_epoch(epochs)
-        for images, labels, keys in stream:
-            samples += images.shape[0]
-    seconds = time.perf_counter() - started
-    return {"samples_per_s": samples / seconds, "samples": n, "epochs": epochs}
+    return _read_epochs(mix.open_mix(sets, "train", mix.run_labels(sets).shared, format=fmt, batch_size=BATCH, seed=0))
 
 
 def mix_rows(dirs: dict[str, Path], rounds: int = MIX_ROUNDS) -> list[str]:

@@ -251,6 +251,11 @@ class MixedStream(IterableDataset):
         self.size = int(sets[0].card["size"])
         self._values = [map_label_values(st._label_values, label_columns(s, labels))
                         for s, st in zip(sets, self.streams)]
+        # every set's rows as one table, so a batch gathers its labels and keys in one indexing each
+        self._base = np.concatenate([[0], np.cumsum([len(v) for v in self._values])])[:-1].astype(np.int64)
+        self._all_values = np.concatenate(self._values) if self._values else np.empty((0, len(self.labels)))
+        self._all_keys = np.concatenate([np.char.add((name + SEP).encode(), st._keys)
+                                         for name, st in zip(self.names, self.streams)])
         self._pools = [np.arange(len(st._keys), dtype=np.int64) for st in self.streams]
         self._contiguous = any(st.format == "wds" for st in self.streams)
         self._cache: tuple[tuple, tuple] | None = None
@@ -344,19 +349,19 @@ class MixedStream(IterableDataset):
             start += b
             images = torch.empty((0 if encoded else b, 1, self.size, self.size), dtype=torch.uint8)
             out = images.numpy()
-            labels = np.empty((b, len(self.labels)), dtype=np.float32)
-            keys, data = [], []
+            at = np.empty(b, dtype=np.int64)   # rows in the sets' joint table
+            data = []
             for j, s in enumerate(which):
                 got = next(items_of[s], None)
                 if got is None:   # cannot happen with a consistent plan; never yield a short batch silently
                     raise MixError(f"{self.streams[s].shard_dir}: ran out of samples mid-epoch")
-                st, row = self.streams[s], got[0]
                 if encoded:
-                    data.append(st.encoded_tensor(row, got[1], got[2]))
+                    data.append(self.streams[s].encoded_tensor(got[0], got[1], got[2]))
                 else:
                     out[j, 0] = got[1]
-                labels[j] = self._values[s][row]
-                keys.append(self.names[s] + SEP + st._keys[row].decode())
+                at[j] = self._base[s] + got[0]
+            labels = self._all_values[at]
+            keys = [k.decode() for k in self._all_keys[at].tolist()]
             if encoded:
                 from cxrshards.jpeg_batch import EncodedJpegBatch
 

@@ -20,6 +20,9 @@ from typer.testing import CliRunner
 from tests.shardset_fixture import make_shard_set
 from trainer.config import TrainConfig
 
+# its module fixtures are costly: every test of this module runs on one xdist worker (`--dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("test_export")
+
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 pytest.importorskip("onnxruntime", reason="the export extra: pip install 'cxr[export]'")

@@ -21,6 +21,9 @@ import torch
 
 from tests.shardset_fixture import make_shard_set
 
+# its module fixtures are costly: every test of this module runs on one xdist worker (`--dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("test_release_compat")
+
 RELEASE = "52900492df3ba1fe466f0d2635181d29ea335b7f"
 REPO = Path(__file__).resolve().parents[1]
 RUN = dict(model="resnet18", epochs=2, batch_size=8, workers=0, lr=1e-3, device="cpu", format="wds")

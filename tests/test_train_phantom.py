@@ -15,6 +15,9 @@ from trainer.checkpoint import load_for_inference
 from trainer.config import TrainConfig
 from trainer.fitting import fit
 
+# its module fixtures are costly: every test of this module runs on one xdist worker (`--dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("test_train_phantom")
+
 
 @pytest.fixture(scope="session")
 def phantom_nih(tmp_path_factory) -> Path:
@@ -26,22 +29,28 @@ def phantom_nih(tmp_path_factory) -> Path:
     return result.path
 
 
-@pytest.mark.slow
-def test_resnet18_learns_the_drawn_findings(phantom_nih, tmp_path):
+@pytest.fixture(scope="module")
+def phantom_run(phantom_nih, tmp_path_factory) -> Path:
+    """resnet18 from scratch on the drawn findings, 5 CPU epochs: the run both tests below read."""
     torch.set_num_threads(1)
+    return fit(TrainConfig(shards=str(phantom_nih), out=str(tmp_path_factory.mktemp("phantom-run") / "run"),
+                           labels=tuple(NIH_PREVALENCE), model="resnet18", epochs=5, lr=2e-3, batch_size=32,
+                           scheduler="cosine", workers=0, device="cpu", seed=0))
+
+
+@pytest.mark.slow
+def test_resnet18_learns_the_drawn_findings(phantom_run):
     drawn = tuple(NIH_PREVALENCE)
-    run = fit(TrainConfig(shards=str(phantom_nih), out=str(tmp_path / "run"), labels=drawn, model="resnet18",
-                          epochs=5, lr=2e-3, batch_size=32, scheduler="cosine", workers=0, device="cpu", seed=0))
-    with open(run / "metrics.csv", newline="") as fh:
+    with open(phantom_run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     best = max(float(r["val_auroc_macro"]) for r in rows)
     assert best >= 0.85, [r["val_auroc_macro"] for r in rows]
-    model = load_for_inference(run / "best.pt")
+    model = load_for_inference(phantom_run / "best.pt")
     assert model.labels == list(drawn) and model.task == "multilabel" and model.head == "sigmoid"
 
 
 @pytest.mark.slow
-def test_the_report_shows_a_planted_gap_one_sexs_noisier_labels(phantom_nih, tmp_path):
+def test_the_report_shows_a_planted_gap_one_sexs_noisier_labels(phantom_nih, phantom_run, tmp_path):
     """The phantom run is evaluated on a copy of its own set whose recorded test labels of women are flipped
     with probability 0.3: `cxr eval --by sex` must show women's AUROC lower, with a CI that excludes men's."""
     import shutil
@@ -52,9 +61,7 @@ def test_the_report_shows_a_planted_gap_one_sexs_noisier_labels(phantom_nih, tmp
     from trainer.evaluation.pipeline import evaluate_run
 
     torch.set_num_threads(1)
-    drawn = tuple(NIH_PREVALENCE)
-    run = fit(TrainConfig(shards=str(phantom_nih), out=str(tmp_path / "run"), labels=drawn, model="resnet18",
-                          epochs=4, lr=2e-3, batch_size=32, scheduler="cosine", workers=0, device="cpu", seed=0))
+    drawn, run = tuple(NIH_PREVALENCE), phantom_run
     noisy = tmp_path / "noisy" / phantom_nih.name
     shutil.copytree(phantom_nih, noisy)
     table = pd.read_parquet(noisy / "manifest.parquet")
@@ -73,5 +80,5 @@ def test_the_report_shows_a_planted_gap_one_sexs_noisier_labels(phantom_nih, tmp
     f, m = groups["F"]["macro_auroc"], groups["M"]["macro_auroc"]
     assert f["value"] < m["value"] and f["high"] < m["value"], (f, m)
     assert groups["F"]["vs_rest"]["macro_auroc"]["high"] < 0
-    df = pd.read_parquet(tmp_path / "run" / "eval" / "predictions.parquet")
+    df = pd.read_parquet(run / "eval" / "predictions.parquet")
     assert set(df["sex"]) == {"F", "M"} and len(df) == groups["F"]["images"] + groups["M"]["images"]
