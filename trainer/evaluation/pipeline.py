@@ -303,13 +303,11 @@ def _phantom_findings(targets: Sequence[mix.MixSet], metrics: dict, run_names: l
                       run_shared: list[str]) -> dict | None:
     """Macro AUROC over the findings a phantom generator drew into the pixels (None for real sets). Labels are
     named as in the report: the run's names on its own sets, shared names on another set."""
-    drawn_shared = []
-    for s in targets:
-        info = phantom_info(s.shard_dir)
-        if info is not None:
-            drawn_shared += [s.shared[s.labels.index(n)] for n in info.get("labels_drawn", []) if n in s.labels]
-    if not any(phantom_info(s.shard_dir) for s in targets):
+    infos = [(s, phantom_info(s.shard_dir)) for s in targets]
+    if all(info is None for _, info in infos):
         return None
+    drawn_shared = [s.shared[s.labels.index(n)] for s, info in infos if info is not None
+                    for n in info.get("labels_drawn", []) if n in s.labels]
     named = dict(zip(run_shared, run_names)) if run_names is not None else {n: n for n in run_shared}
     drawn = [named[n] for n in dict.fromkeys(drawn_shared) if n in named and named[n] in metrics["per_label"]]
     drawn = [n for n in metrics["labels"] if n in drawn]
