@@ -440,13 +440,17 @@ class ShardStream(IterableDataset):
         `iter_records`)."""
         from cxrshards import pixels
 
-        if self.format == "hdf5":
+        if self.format == "hdf5":   # blocks read in file order, as `_iter_h5` reads a batch, yielded in `rows` order
             h5 = _H5Images(self.shard_dir / f"{self.split}.h5")
+            block = max(1, min(256, _H5_BLOCK_BYTES // (self.size * self.size)))
             try:
-                for row in rows.tolist():
-                    img = np.empty((self.size, self.size), dtype=np.uint8)
-                    h5.read_into(int(self._h5_index[row]), img)
-                    yield row, img
+                for start in range(0, len(rows), block):
+                    part = rows[start:start + block]
+                    where = self._h5_index[part]
+                    images = np.empty((len(part), self.size, self.size), dtype=np.uint8)
+                    for j in np.argsort(where, kind="stable").tolist():
+                        h5.read_into(int(where[j]), images[j])
+                    yield from zip(part.tolist(), images)
             finally:
                 h5.close()
             return
